@@ -1,0 +1,52 @@
+"""Atomic file writes: write to a temporary file beside the target, then rename over it.
+
+A crash or a cancel leaves either the old file or none, never a half-written one.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import DinomedError
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; on success rename it to ``target``.
+
+    The temporary name keeps the target's suffixes (``.nii.gz``) so that writers that pick the format
+    from the extension (SimpleITK) still work. On an exception the temporary file is removed.
+    """
+    target = Path(target)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.exists():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DinomedError(f"cannot create the output folder {folder}: {exc.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise DinomedError(f"cannot write {target}: the folder {folder} is not writable")
+    suffix = suffix if suffix is not None else "".join(target.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=folder)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)

@@ -1,0 +1,78 @@
+"""The ``dinomed`` command line: ``dinomed segment|features|pretrain|finetune|evaluate|demo|…``.
+
+Each subcommand lives in ``dinomed/commands/<name>.py`` and defines ``register(subparsers)``, which adds its
+parser and sets ``func`` to a function taking the parsed arguments and returning an exit status. Heavy
+imports (torch, SimpleITK) happen inside those functions so that ``dinomed --help`` stays fast.
+
+A :class:`~dinomed.errors.DinomedError` is printed as one line ``dinomed <cmd>: error: …`` (and as an
+``error`` event with ``--events``) and the command exits with status 2; no traceback for bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from . import __version__
+from .errors import DinomedError
+
+# Module names under dinomed.commands, in the order shown by --help. A module that does not exist yet is
+# skipped, so that parts of the CLI can land one at a time.
+COMMAND_MODULES = (
+    "segment",
+    "features",
+    "phantom",
+    "suv",
+    "lesions",
+    "finetune",
+    "evaluate",
+    "pretrain",
+    "export_backbone",
+    "info",
+    "demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dinomed",
+        description="DINOv3 foundation models for PET/CT and CT segmentation (the core of the DINOSeg Slicer extension).",
+    )
+    parser.add_argument("--version", action="version", version=f"dinomed {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"dinomed.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"dinomed.commands.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except DinomedError as exc:
+        if getattr(args, "events", False):
+            from .events import EventWriter
+
+            EventWriter(enabled=True).error(str(exc))
+        print(f"dinomed {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dinomed {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+import json
+import subprocess
+import sys
+
+from dinomed.cli import main
+from dinomed.events import EventWriter, parse_event
+
+
+def test_help_lists_subcommands(capsys):
+    assert main([]) == 1
+    out = capsys.readouterr().out
+    assert "usage: dinomed" in out
+
+
+def test_version_runs_as_a_process():
+    result = subprocess.run([sys.executable, "-m", "dinomed", "--version"], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("dinomed ")
+
+
+def test_events_are_json_lines(capsys):
+    writer = EventWriter(enabled=True)
+    writer.progress(3, 10, "slices")
+    writer.metric(step=5, loss=float("nan"), dice=0.5)
+    writer.done()
+    lines = capsys.readouterr().out.strip().splitlines()
+    events = [parse_event(line) for line in lines]
+    assert [e["event"] for e in events] == ["progress", "metric", "done"]
+    assert events[0]["done"] == 3 and events[0]["total"] == 10
+    assert events[1]["loss"] is None  # NaN is not JSON
+    assert parse_event("not an event") is None
+    assert json.loads(lines[1])["dice"] == 0.5

@@ -1,0 +1,221 @@
+"""DICOM series: reading one series out of a folder (GDCM through SimpleITK) and writing a volume as a series.
+
+Reading sorts the slices along the slice normal (GDCM) and applies each slice's RescaleSlope/Intercept.
+Writing (pydicom) stores one file per axial slice with ImagePositionPatient, ImageOrientationPatient and
+PixelSpacing taken from the image's geometry, so that a reader rebuilds the same grid. DICOM derives the
+slice axis from the cross product of the row and column directions, so a direction matrix with a negative
+determinant (a mirrored grid) comes back as the same physical volume on a z-flipped grid.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import DinomedError, InputImageError
+from .volumes import _read_file, check_volume
+
+SOP_CLASS = {
+    "CT": "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+    "PT": "1.2.840.10008.5.1.4.1.1.128",  # Positron Emission Tomography Image Storage
+    "MR": "1.2.840.10008.5.1.4.1.1.4",  # MR Image Storage
+}
+
+
+def list_dicom_series(folder: str | os.PathLike) -> list[dict]:
+    """The DICOM series in ``folder`` (not recursive): ``[{"uid", "files", "modality", "description"}]``."""
+    import pydicom
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputImageError(f"{folder}: expected a folder of DICOM files, found no such folder")
+    reader = sitk.ImageSeriesReader()
+    series = []
+    for uid in reader.GetGDCMSeriesIDs(str(folder)):
+        files = list(reader.GetGDCMSeriesFileNames(str(folder), uid))
+        head = pydicom.dcmread(files[0], stop_before_pixels=True)
+        series.append(
+            {
+                "uid": uid,
+                "files": files,
+                "modality": str(head.get("Modality", "")),
+                "description": str(head.get("SeriesDescription", "")),
+            }
+        )
+    return series
+
+
+def _describe(series: list[dict]) -> str:
+    return "; ".join(f"{s['uid']} ({s['modality'] or '?'}, {len(s['files'])} files, {s['description']!r})" for s in series)
+
+
+def select_series_files(folder: str | os.PathLike, series_uid: str | None = None) -> list[str]:
+    """The files of one series in ``folder``: the one named by ``series_uid``, or the only one there is."""
+    folder = Path(folder)
+    series = list_dicom_series(folder)
+    if not series:
+        raise InputImageError(f"{folder}: expected DICOM files, found no DICOM series in this folder")
+    if series_uid is not None:
+        match = [s for s in series if s["uid"] == series_uid]
+        if not match:
+            raise InputImageError(f"{folder}: no series with SeriesInstanceUID {series_uid}; found {_describe(series)}")
+        return match[0]["files"]
+    if len(series) > 1:
+        raise InputImageError(
+            f"{folder}: holds {len(series)} DICOM series; pick one with its SeriesInstanceUID: {_describe(series)}"
+        )
+    return series[0]["files"]
+
+
+def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
+    """Read one DICOM series of ``folder`` as a 3D volume (a single multi-frame file counts as a series)."""
+    import pydicom
+
+    files = select_series_files(folder, series_uid)
+    if len(files) == 1:
+        return _read_file(Path(files[0]))
+    # The series reader takes its pixel type from the first slice; PET slices each carry their own float
+    # RescaleSlope, so ask for float whenever any slice is rescaled by a non-integer.
+    rescaled = False
+    for f in files:
+        head = pydicom.dcmread(f, stop_before_pixels=True)
+        slope, intercept = float(head.get("RescaleSlope", 1) or 1), float(head.get("RescaleIntercept", 0) or 0)
+        if slope != round(slope) or intercept != round(intercept) or slope != 1.0:
+            rescaled = True
+            break
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    if rescaled:
+        reader.SetOutputPixelType(sitk.sitkFloat32)
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise InputImageError(f"{folder}: the DICOM series could not be read as one volume: {exc}") from None
+
+
+def _stored_values(plane: np.ndarray, integer: bool, slope: float) -> np.ndarray:
+    if integer:
+        return plane.astype(np.int16)
+    return np.clip(np.round(plane / slope), -32768, 32767).astype(np.int16)
+
+
+def write_dicom_series(
+    image: sitk.Image,
+    folder: str | os.PathLike,
+    modality: str = "CT",
+    series_uid: str | None = None,
+    study_uid: str | None = None,
+    frame_of_reference_uid: str | None = None,
+    series_description: str = "",
+    series_number: int = 1,
+    patient_name: str = "Phantom^Synthetic",
+    patient_id: str = "DINOMED-PHANTOM",
+    per_slice_rescale: bool | None = None,
+    dataset_hook: Callable[[object, int], None] | None = None,
+) -> list[Path]:
+    """Write a 3D volume as a DICOM series, one file per slice, into ``folder`` (created atomically).
+
+    Voxels are stored as int16 with RescaleSlope/Intercept: integer volumes that fit int16 as they are
+    (slope 1), others scaled (one slope for the volume, or one per slice when ``per_slice_rescale``, the PET
+    default). ``dataset_hook(ds, k)`` adds modality-specific tags to slice ``k`` (e.g. the SUV tags of a PET).
+    The folder appears complete or not at all: files are written into a temporary folder that is renamed.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder = Path(folder)
+    modality = modality.upper()
+    if modality not in SOP_CLASS:
+        raise DinomedError(f"cannot write a DICOM series of modality {modality!r}; expected one of {sorted(SOP_CLASS)}")
+    check_volume(image, f"the image to write to {folder}")
+    array = sitk.GetArrayFromImage(image)
+    integer = np.issubdtype(array.dtype, np.integer) and array.min() >= -32768 and array.max() <= 32767
+    if per_slice_rescale is None:
+        per_slice_rescale = modality == "PT" and not integer
+    finite = np.nan_to_num(array.astype(np.float64)) if not integer else array
+    global_slope = float(np.abs(finite).max()) / 32767.0 if not integer else 1.0
+    global_slope = global_slope if global_slope > 0 else 1e-6
+
+    spacing = image.GetSpacing()
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
+    series_uid = series_uid or generate_uid()
+    study_uid = study_uid or generate_uid()
+    frame_of_reference_uid = frame_of_reference_uid or generate_uid()
+    now = _dt.datetime.now()
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    written = []
+    try:
+        for k in range(array.shape[0]):
+            plane = finite[k]
+            if integer:
+                slope = 1.0
+            elif per_slice_rescale:
+                peak = float(np.abs(plane).max())
+                slope = peak / 32767.0 if peak > 0 else global_slope
+            else:
+                slope = global_slope
+            sop_uid = generate_uid()
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = SOP_CLASS[modality]
+            meta.MediaStorageSOPInstanceUID = sop_uid
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds = Dataset()
+            ds.file_meta = meta
+            ds.SOPClassUID = SOP_CLASS[modality]
+            ds.SOPInstanceUID = sop_uid
+            ds.Modality = modality
+            ds.PatientName = patient_name
+            ds.PatientID = patient_id
+            ds.StudyInstanceUID = study_uid
+            ds.SeriesInstanceUID = series_uid
+            ds.FrameOfReferenceUID = frame_of_reference_uid
+            ds.SeriesNumber = series_number
+            ds.InstanceNumber = k + 1
+            ds.SeriesDescription = series_description
+            ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = now.strftime("%Y%m%d")
+            ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = now.strftime("%H%M%S.%f")
+            ds.ImageType = ["DERIVED", "SECONDARY"]
+            position = origin + k * spacing[2] * direction[:, 2]
+            ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+            ds.ImageOrientationPatient = [f"{v:.8f}" for v in np.concatenate([direction[:, 0], direction[:, 1]])]
+            ds.PixelSpacing = [f"{spacing[1]:.6f}", f"{spacing[0]:.6f}"]  # row spacing (y), column spacing (x)
+            ds.SliceThickness = f"{spacing[2]:.6f}"
+            ds.SpacingBetweenSlices = f"{spacing[2]:.6f}"
+            ds.SliceLocation = f"{float(np.dot(position, np.cross(direction[:, 0], direction[:, 1]))):.6f}"
+            ds.SamplesPerPixel = 1
+            ds.PhotometricInterpretation = "MONOCHROME2"
+            ds.Rows, ds.Columns = int(plane.shape[0]), int(plane.shape[1])
+            ds.BitsAllocated = 16
+            ds.BitsStored = 16
+            ds.HighBit = 15
+            ds.PixelRepresentation = 1
+            ds.RescaleSlope = f"{slope:.10g}" if not integer else "1"
+            ds.RescaleIntercept = "0"
+            ds.RescaleType = "HU" if modality == "CT" else "US"
+            ds.PixelData = _stored_values(plane, integer, slope).tobytes()
+            if dataset_hook is not None:
+                dataset_hook(ds, k)
+            path = tmp_dir / f"{modality.lower()}_{k + 1:04d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            written.append(folder / path.name)
+        old = None
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
+            os.replace(folder, old / "prev")
+        os.replace(tmp_dir, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return written
+

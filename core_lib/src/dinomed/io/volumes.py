@@ -1,0 +1,152 @@
+"""Volumes on disk <-> ``SimpleITK.Image`` with geometry; validation of what was read."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..atomic import atomic_path
+from ..errors import InputImageError
+
+# Suffixes SimpleITK writes with the geometry intact (longest first, so ".nii.gz" wins over ".gz").
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+def image_suffix(path: str | os.PathLike) -> str:
+    """The format suffix of ``path`` (``.nii.gz`` counts as one), lower case; '' when there is none known."""
+    name = Path(path).name.lower()
+    for suffix in IMAGE_SUFFIXES + DICOM_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return ""
+
+
+def check_volume(image: sitk.Image | np.ndarray, name: str = "image", min_slices: int = 1) -> sitk.Image | np.ndarray:
+    """Raise :class:`InputImageError` unless ``image`` is a scalar 3D volume with voxels, not all NaN.
+
+    ``name`` is the file or node that the message names. Returns the image unchanged, so that a caller can
+    write ``img = check_volume(read(...), path)``.
+    """
+    if isinstance(image, np.ndarray):
+        shape, components = image.shape, 1
+        array = image
+    else:
+        shape = tuple(reversed(image.GetSize()))
+        components = image.GetNumberOfComponentsPerPixel()
+        array = None
+    if len(shape) == 4:
+        raise InputImageError(
+            f"{name}: expected a 3D volume, found a 4D image of size {tuple(reversed(shape))} (x, y, z, t); "
+            "split the time frames or channels into separate 3D files"
+        )
+    if len(shape) != 3:
+        raise InputImageError(f"{name}: expected a 3D volume, found a {len(shape)}D image of shape {shape}")
+    if components != 1:
+        raise InputImageError(
+            f"{name}: expected a scalar volume (one value per voxel), found {components} components per voxel"
+        )
+    if min(shape) == 0:
+        raise InputImageError(f"{name}: the volume is empty (shape z, y, x = {shape})")
+    if shape[0] < min_slices:
+        raise InputImageError(f"{name}: expected at least {min_slices} slices, found {shape[0]}")
+    if array is None:
+        array = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).any():
+        raise InputImageError(f"{name}: every voxel is NaN or infinite; the volume holds no data")
+    return image
+
+
+def _read_file(path: Path) -> sitk.Image:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise InputImageError(
+            f"{path}: not a readable image; expected NIfTI, NRRD, MetaImage or DICOM "
+            f"({', '.join(IMAGE_SUFFIXES + DICOM_SUFFIXES)})"
+        ) from None
+    dims = reader.GetDimension()
+    if dims == 4:
+        size = reader.GetSize()
+        raise InputImageError(
+            f"{path}: expected a 3D volume, found a 4D image of size {size} (x, y, z, t); "
+            "split the time frames or channels into separate 3D files"
+        )
+    if dims != 3:
+        raise InputImageError(f"{path}: expected a 3D volume, found a {dims}D image of size {reader.GetSize()}")
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise InputImageError(f"{path}: the image header was read but its voxels could not be: {exc}") from None
+
+
+def read_image(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
+    """Read a 3D volume with its geometry from a file or a DICOM series folder.
+
+    A folder is read as a DICOM series (slices sorted by GDCM along the slice normal). When the folder holds
+    several series, ``series_uid`` (SeriesInstanceUID) picks one; without it the error lists them.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputImageError(f"{path}: no such file or folder")
+    if path.is_dir():
+        from .dicom import read_dicom_series
+
+        image = read_dicom_series(path, series_uid=series_uid)
+    else:
+        image = _read_file(path)
+    return check_volume(image, str(path))
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write ``image`` to ``path`` atomically, in the format its suffix names (NIfTI, NRRD, MetaImage).
+
+    The geometry is written as it is; a DICOM series is written with :func:`~dinomed.io.write_dicom_series`.
+    """
+    path = Path(path)
+    suffix = image_suffix(path)
+    if suffix not in IMAGE_SUFFIXES or suffix in (".nhdr", ".mhd"):
+        # .nhdr/.mhd write a second (data) file whose name the header refers to; a rename would break the link.
+        raise InputImageError(
+            f"{path}: cannot write this format; use one of .nii.gz, .nii, .nrrd, .mha "
+            "(or write_dicom_series for DICOM)"
+        )
+    check_volume(image, f"the image to write to {path}")
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=compress)
+    return path
+
+
+def image_to_array(image: sitk.Image) -> np.ndarray:
+    """The voxels as a (z, y, x) numpy array (a copy; the image is not modified)."""
+    return sitk.GetArrayFromImage(image)
+
+
+def array_to_image(
+    array: np.ndarray,
+    reference: sitk.Image | None = None,
+    spacing: Sequence[float] | None = None,
+    origin: Sequence[float] | None = None,
+    direction: Sequence[float] | None = None,
+) -> sitk.Image:
+    """A (z, y, x) array as an image on the grid of ``reference`` (or with the given geometry, x-y-z order)."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    if reference is not None:
+        if tuple(reversed(array.shape)) != reference.GetSize():
+            raise InputImageError(
+                f"array of shape {array.shape} (z, y, x) does not fit the reference grid of size "
+                f"{reference.GetSize()} (x, y, z)"
+            )
+        image.CopyInformation(reference)
+    if spacing is not None:
+        image.SetSpacing([float(s) for s in spacing])
+    if origin is not None:
+        image.SetOrigin([float(o) for o in origin])
+    if direction is not None:
+        image.SetDirection([float(d) for d in np.asarray(direction).ravel()])
+    return image

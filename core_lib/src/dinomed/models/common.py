@@ -1,0 +1,174 @@
+"""Parts shared by the seed models: backbone construction from a config, running a timm DINOv3 ViT block by
+block, input checks, padding to the patch grid, and small decoder blocks."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones import create_backbone, default_layers, load_backbone, resolve_arch
+from ..errors import DinomedError, InputImageError
+
+PATCH = 16
+
+
+# ---------------------------------------------------------------------------------------------------------
+# backbones
+
+
+def make_backbone(arch: str, in_chans: int, checkpoint: str | None = None, drop_path_rate: float = 0.0) -> nn.Module:
+    """A DINOv3 ViT of ``arch``; initialised from ``checkpoint`` (any format ``load_backbone`` reads) when given."""
+    spec = resolve_arch(arch)
+    if checkpoint:
+        model = load_backbone(checkpoint, arch=spec.name, in_chans=in_chans)
+        if drop_path_rate:
+            # timm builds drop-path at construction; a loaded model gets it by rebuilding and copying the weights
+            fresh = create_backbone(spec, in_chans=in_chans, drop_path_rate=drop_path_rate)
+            fresh.load_state_dict(model.state_dict())
+            model = fresh
+        return model.train()
+    return create_backbone(spec, in_chans=in_chans, drop_path_rate=drop_path_rate)
+
+
+def aggregation_layers(backbone: nn.Module, layers: Sequence[int] | None) -> tuple[int, ...]:
+    """The blocks whose tokens are aggregated (default: four evenly spaced, 2, 5, 8, 11 for 12 blocks)."""
+    depth = len(backbone.blocks)
+    if layers is None:
+        return default_layers(depth)
+    if not layers or any(not -depth <= int(i) < depth for i in layers):
+        raise DinomedError(f"aggregation layers {list(layers)} out of range for a backbone of depth {depth}")
+    return tuple(int(i) % depth for i in layers)
+
+
+def embed_tokens(backbone: nn.Module, patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prefix tokens + positions for ``patch_tokens`` ``(B, h, w, C)``: what timm's ``Eva.forward_features`` does
+    between ``patch_embed`` and the first block. Returns the token sequence and the RoPE tensor."""
+    x, rope = backbone._pos_embed(patch_tokens)
+    return backbone.norm_pre(x), rope
+
+
+def tokens_to_grid(backbone: nn.Module, x: torch.Tensor, hw: tuple[int, int], norm: bool = True) -> torch.Tensor:
+    """Patch tokens of a block output ``(B, N, C)`` as a ``(B, C, h, w)`` map (after the final LayerNorm when
+    ``norm``, as DINOv3's ``get_intermediate_layers(norm=True)``)."""
+    if norm:
+        x = backbone.norm(x)
+    x = x[:, backbone.num_prefix_tokens:]
+    b, _, c = x.shape
+    return x.reshape(b, hw[0], hw[1], c).permute(0, 3, 1, 2).contiguous()
+
+
+def run_blocks(
+    backbone: nn.Module, x: torch.Tensor, rope: torch.Tensor | None, hw: tuple[int, int], layers: Sequence[int]
+) -> list[torch.Tensor]:
+    """Run every block of ``backbone`` on the token sequence ``x``; return the normalised patch-token maps of
+    ``layers`` (as ``extract_features``)."""
+    feats = []
+    last = max(layers)
+    for i, blk in enumerate(backbone.blocks[: last + 1]):
+        x = blk(x, rope=rope)
+        if i in layers:
+            feats.append(tokens_to_grid(backbone, x, hw))
+    return feats
+
+
+def vit_features(backbone: nn.Module, images: torch.Tensor, layers: Sequence[int]) -> list[torch.Tensor]:
+    """Normalised patch-token maps ``(B, C, H/16, W/16)`` of ``layers`` for images whose sides are multiples of 16."""
+    tokens = backbone.patch_embed(images)
+    x, rope = embed_tokens(backbone, tokens)
+    return run_blocks(backbone, x, rope, tokens.shape[1:3], layers)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def check_input(x: torch.Tensor, ndim: int, in_chans: int, model: str, min_side: int = 1) -> None:
+    """A clear error for an input of the wrong dimensionality, channel count or size."""
+    layout = "(B, C, H, W)" if ndim == 4 else "(B, C, D, H, W)"
+    if not isinstance(x, torch.Tensor):
+        raise InputImageError(f"{model}: expected a torch tensor {layout}, found {type(x).__name__}")
+    if x.ndim != ndim:
+        what = "a batch of 2D slices" if ndim == 4 else "a batch of 3D volumes"
+        raise InputImageError(f"{model}: expected {what} {layout}, found shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise InputImageError(
+            f"{model}: expected {in_chans} input channel(s) (model.json inputs), found {x.shape[1]} in shape {tuple(x.shape)}"
+        )
+    if any(s < min_side for s in x.shape[2:]) or x.shape[0] < 1:
+        raise InputImageError(
+            f"{model}: every spatial side must be at least {min_side} voxels, found shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise InputImageError(f"{model}: expected a floating-point image (normalised intensities), found {x.dtype}")
+
+
+def pad_to_patch(x: torch.Tensor, patch: int = PATCH) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Zero-pad the last two axes (H, W) at the bottom/right to multiples of ``patch``; return the original size."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % patch, (-w) % patch
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph))
+    return x, (h, w)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decoder blocks
+
+
+def group_norm(channels: int, dims: int = 2) -> nn.Module:
+    """GroupNorm with up to 8 groups: independent of the batch size (inference runs batch 1 volumes)."""
+    groups = math.gcd(channels, 8)
+    return nn.GroupNorm(groups, channels)
+
+
+class UpsampleBlock2d(nn.Module):
+    """×2 transposed convolution + norm + GELU, then a 3×3 convolution + norm + GELU."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.up = nn.Sequential(nn.ConvTranspose2d(cin, cout, 2, stride=2), group_norm(cout), nn.GELU())
+        self.refine = nn.Sequential(nn.Conv2d(cout, cout, 3, padding=1), group_norm(cout), nn.GELU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.refine(self.up(x))
+
+
+class ProgressiveUpsamplingDecoder(nn.Module):
+    """Light decoder from 1/16-resolution token maps to full resolution: a 1×1 projection of the concatenated
+    multi-scale tokens, then four ×2 upsampling stages (MedDINOv3 sec. 3.1), then a 1×1 classifier."""
+
+    def __init__(self, in_channels: int, num_classes: int, channels: Sequence[int] = (256, 128, 64, 32)):
+        super().__init__()
+        channels = list(channels)
+        if len(channels) != 4:
+            raise DinomedError(f"decoder_channels needs 4 widths (one per ×2 stage to reach 1/16 → 1), found {channels}")
+        self.proj = nn.Sequential(nn.Conv2d(in_channels, channels[0], 1), group_norm(channels[0]), nn.GELU())
+        widths = [channels[0]] + channels
+        self.stages = nn.ModuleList(UpsampleBlock2d(widths[i], widths[i + 1]) for i in range(4))
+        self.classifier = nn.Conv2d(channels[-1], num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.classifier(x)
+
+
+class ConvNormAct3d(nn.Sequential):
+    def __init__(self, cin: int, cout: int, kernel=3, stride=1):
+        k = (kernel,) * 3 if isinstance(kernel, int) else tuple(kernel)
+        pad = tuple(kk // 2 for kk in k)
+        super().__init__(nn.Conv3d(cin, cout, k, stride=stride, padding=pad, bias=False), group_norm(cout, 3), nn.GELU())
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

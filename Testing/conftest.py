@@ -16,9 +16,26 @@ for module_dir in ("DINOSeg", "DINOPretrain"):
 
 @pytest.fixture
 def scene():
-    """A fresh, real MRML scene (vtkMRMLScene from slicer-core)."""
+    """A fresh, real MRML scene (vtkMRMLScene from slicer-core), with the default colour tables and one
+    slice view's nodes, as Slicer's application sets them up (colour logic, a Red slice view)."""
     import slicer
 
     scene = slicer.vtkMRMLScene()
+    colors = slicer.vtkMRMLColorLogic()
+    colors.SetMRMLScene(scene)  # adds the default colour nodes (Labels, Grey, PET-Heat, …)
+    slice_node = slicer.vtkMRMLSliceNode()
+    slice_node.SetLayoutName("Red")
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    scene.AddNode(slice_node)
+    slice_node.SetOrientationToAxial()
+    composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    composite.SetLayoutName("Red")
     yield scene
+    colors.SetMRMLScene(None)
     scene.Clear(1)
+
+
+@pytest.fixture
+def dinomed_python() -> str:
+    """The interpreter that runs ``python -m dinomed`` in these tests: the project's venv."""
+    return sys.executable

@@ -1,0 +1,15 @@
+"""DINOSeg's module logic, free of Qt: MRML <-> files with geometry, segmentation nodes with terminology,
+lesion tables, feature overlays, the training-set export, dependencies and the ``dinomed`` child process.
+
+Every function takes the scene (or nodes) as arguments; nothing here imports torch or ``dinomed``.
+"""
+from .events import Progress, parse_event
+from .logic import DINOSegError, DINOSegLogic, SegmentationJob, SegmentationResult
+from .models import BUNDLED_MODELS_DIR, LabelInfo, ModelInfo, add_model_folder, list_model_folders, read_model_info
+from .process import DinomedProcess, DinomedProcessError
+
+__all__ = [
+    "BUNDLED_MODELS_DIR", "DINOSegError", "DINOSegLogic", "DinomedProcess", "DinomedProcessError", "LabelInfo",
+    "ModelInfo", "Progress", "SegmentationJob", "SegmentationResult", "add_model_folder", "list_model_folders",
+    "parse_event", "read_model_info",
+]

@@ -1,0 +1,172 @@
+"""PET lesion statistics from a PET in SUV and a label map on the same grid.
+
+Each label value is split into connected lesions with 26-connectivity (voxels touching by a face, an edge
+or a corner belong to one lesion; scipy.ndimage.label with a full 3x3x3 structure). For every lesion and
+for all lesions of a label together ("total"):
+
+* SUVmax: the highest SUV in the lesion;
+* SUVpeak: the mean SUV of the PET voxels whose centres lie within 6.2 mm (a 1 cm^3 sphere) of the lesion's
+  hottest voxel, measured with the physical spacing (PERCIST; the sphere may reach outside the mask);
+* SUVmean, the metabolic tumour volume MTV (ml, voxel count x voxel volume) and the total lesion
+  glycolysis TLG = SUVmean x MTV (for the total row: the sum over lesions, which is the same);
+* the centroid, as a voxel index (x, y, z, continuous) and in physical LPS millimetres.
+
+The PET must already be on the label grid: resample it first with
+:func:`dinomed.petct.resample_to_reference` (``dinomed lesions`` does that for you).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from ..atomic import atomic_write_text
+from ..errors import DinomedError, InputImageError
+from .resample import same_grid
+
+SUV_PEAK_RADIUS_MM = 6.2  # radius of a 1 cm^3 sphere: (3 / (4 pi))^(1/3) cm
+CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
+
+
+@dataclass
+class LesionStats:
+    """One row of the lesion table: a connected lesion (``lesion`` = 1, 2, … by decreasing MTV) or the
+    ``total`` of a label value."""
+
+    label: int
+    name: str
+    lesion: str
+    voxels: int
+    mtv_ml: float
+    suv_max: float
+    suv_peak: float
+    suv_mean: float
+    tlg: float
+    centroid_x_mm: float
+    centroid_y_mm: float
+    centroid_z_mm: float
+    centroid_i: float
+    centroid_j: float
+    centroid_k: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sphere_offsets(spacing_zyx: np.ndarray, radius_mm: float) -> np.ndarray:
+    reach = np.floor(radius_mm / spacing_zyx).astype(int)
+    grids = np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij")
+    offsets = np.stack([g.ravel() for g in grids], axis=1)
+    dist2 = ((offsets * spacing_zyx) ** 2).sum(axis=1)
+    return offsets[dist2 <= radius_mm**2 + 1e-9]
+
+
+def suv_peak(pet: np.ndarray, hottest_zyx: tuple[int, int, int], spacing_zyx, radius_mm: float = SUV_PEAK_RADIUS_MM) -> float:
+    """Mean SUV of the voxels within ``radius_mm`` of ``hottest_zyx`` (voxels outside the volume are left out)."""
+    offsets = _sphere_offsets(np.asarray(spacing_zyx, dtype=np.float64), radius_mm) + np.asarray(hottest_zyx)
+    inside = np.all((offsets >= 0) & (offsets < np.asarray(pet.shape)), axis=1)
+    idx = offsets[inside]
+    return float(pet[idx[:, 0], idx[:, 1], idx[:, 2]].mean())
+
+
+def _row(label, name, lesion, pet, spacing_zyx, image, coords, values) -> LesionStats:
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+    hottest = int(np.argmax(values))
+    suv_mean = float(values.mean())
+    mtv = values.size * voxel_ml
+    centroid_zyx = coords.mean(axis=0)
+    centroid_xyz = [float(v) for v in centroid_zyx[::-1]]
+    lps = image.TransformContinuousIndexToPhysicalPoint(centroid_xyz)
+    return LesionStats(
+        label=int(label), name=name, lesion=str(lesion), voxels=int(values.size), mtv_ml=mtv,
+        suv_max=float(values[hottest]), suv_peak=suv_peak(pet, tuple(coords[hottest]), spacing_zyx),
+        suv_mean=suv_mean, tlg=suv_mean * mtv,
+        centroid_x_mm=float(lps[0]), centroid_y_mm=float(lps[1]), centroid_z_mm=float(lps[2]),
+        centroid_i=centroid_xyz[0], centroid_j=centroid_xyz[1], centroid_k=centroid_xyz[2],
+    )
+
+
+def lesion_statistics(
+    pet_suv: sitk.Image,
+    labels: sitk.Image,
+    label_values: Iterable[int] | None = None,
+    label_names: Mapping[int, str] | None = None,
+) -> list[LesionStats]:
+    """Per connected lesion and per label in total: SUVmax, SUVpeak, SUVmean, MTV, TLG, voxels, centroid.
+
+    ``label_values`` defaults to every non-zero value in ``labels``. Rows come per label value: its lesions
+    by decreasing MTV, then its ``total`` row. Raises :class:`InputImageError` when the PET is not on the
+    label grid (resample it first) or the label map is not an integer volume.
+    """
+    if not same_grid(pet_suv, labels):
+        raise InputImageError(
+            f"the PET (size {pet_suv.GetSize()}, spacing {tuple(round(s, 4) for s in pet_suv.GetSpacing())}) is not on "
+            f"the label grid (size {labels.GetSize()}, spacing {tuple(round(s, 4) for s in labels.GetSpacing())}); "
+            "resample it first with dinomed.petct.resample_to_reference(pet, labels)"
+        )
+    lab = sitk.GetArrayViewFromImage(labels)
+    if not np.issubdtype(lab.dtype, np.integer):
+        rounded = np.round(lab)
+        if not np.array_equal(rounded, lab):
+            raise InputImageError("the label map holds non-integer values; expected a label map (0 = background)")
+        lab = rounded.astype(np.int64)
+    pet = sitk.GetArrayFromImage(pet_suv).astype(np.float64)
+    spacing_zyx = np.asarray(labels.GetSpacing()[::-1], dtype=np.float64)
+    values_wanted = sorted(int(v) for v in (np.unique(lab[lab != 0]) if label_values is None else label_values))
+    names = dict(label_names or {})
+    rows: list[LesionStats] = []
+    for value in values_wanted:
+        name = names.get(value, f"label {value}")
+        mask = lab == value
+        if not mask.any():
+            continue
+        components, count = ndimage.label(mask, structure=CONNECTIVITY_26)
+        per_lesion = []
+        for number, box in enumerate(ndimage.find_objects(components), start=1):
+            local = np.argwhere(components[box] == number)
+            coords = local + np.array([s.start for s in box])
+            values = pet[coords[:, 0], coords[:, 1], coords[:, 2]]
+            per_lesion.append((coords, values))
+        per_lesion.sort(key=lambda cv: -cv[1].size)
+        for rank, (coords, values) in enumerate(per_lesion, start=1):
+            rows.append(_row(value, name, rank, pet, spacing_zyx, labels, coords, values))
+        all_coords = np.argwhere(mask)
+        rows.append(_row(value, name, "total", pet, spacing_zyx, labels, all_coords,
+                         pet[all_coords[:, 0], all_coords[:, 1], all_coords[:, 2]]))
+    return rows
+
+
+def lesion_rows_as_dicts(rows: Iterable[LesionStats | dict]) -> list[dict]:
+    return [row.as_dict() if isinstance(row, LesionStats) else dict(row) for row in rows]
+
+
+def write_lesion_table(rows: Iterable[LesionStats | dict], path: str | os.PathLike) -> Path:
+    """Write the rows as CSV (``.csv``) or JSON (``.json``, a list of objects), atomically."""
+    path = Path(path)
+    records = lesion_rows_as_dicts(rows)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in records]
+        atomic_write_text(path, json.dumps(clean, indent=2))
+    elif suffix == ".csv":
+        columns = [f.name for f in fields(LesionStats)]
+        for record in records:
+            columns += [k for k in record if k not in columns]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for record in records:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in record.items()})
+        atomic_write_text(path, buffer.getvalue())
+    else:
+        raise DinomedError(f"{path}: cannot write a lesion table with suffix {suffix!r}; use .csv or .json")
+    return path

@@ -30,6 +30,9 @@ class FeatureGrid:
 
     features: np.ndarray  # (Zf, Yf, Xf, C)
     image_shape: tuple[int, int, int]  # (Z, Y, X) voxels
+    # voxels per feature cell along (z, y, x) for patch grids of unresized slices (ViT patch 16: (1, 16, 16),
+    # the last cell covering the zero padding); None: the cells share each axis equally (resized slices)
+    voxels_per_cell: tuple[int, int, int] | None = None
 
     def __post_init__(self):
         if self.features.ndim != 4:
@@ -40,8 +43,11 @@ class FeatureGrid:
         # unit vectors once, so that each new map is one matrix-vector product
         self._unit = (flat / np.maximum(norms, 1e-12)).astype(np.float32)
         zf, yf, xf = self.features.shape[:3]
-        self._index = [np.minimum((np.arange(n) * f) // n, f - 1)
-                       for n, f in zip(self.image_shape, (zf, yf, xf))]
+        if self.voxels_per_cell is None:
+            self._index = [np.minimum((np.arange(n) * f) // n, f - 1) for n, f in zip(self.image_shape, (zf, yf, xf))]
+        else:
+            self._index = [np.minimum(np.arange(n) // int(c), f - 1)
+                           for n, f, c in zip(self.image_shape, (zf, yf, xf), self.voxels_per_cell)]
 
     def feature_index(self, ijk) -> tuple[int, int, int]:
         """Feature cell (zf, yf, xf) of a voxel index (i, j, k) = (x, y, z), clamped to the image."""

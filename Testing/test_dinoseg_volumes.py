@@ -1,28 +1,12 @@
 """Volumes between SimpleITK files (what dinomed reads and writes, LPS) and the MRML scene (RAS)."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from DINOSegLib import volumes
-
-
-def oblique_image(shape_zyx=(9, 11, 13), spacing=(0.7, 0.9, 2.5), origin=(12.5, -30.0, 41.0), dtype=np.int16, seed=0):
-    """An oblique (rotated about two axes), anisotropic SimpleITK image with random voxels."""
-    rng = np.random.default_rng(seed)
-    array = rng.integers(-1000, 1000, shape_zyx).astype(dtype)
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(spacing)
-    image.SetOrigin(origin)
-    a, b = 0.35, -0.2
-    rz = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
-    rx = np.array([[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]])
-    image.SetDirection(tuple((rz @ rx).reshape(-1)))
-    return image, array
-
+from dinoseg_testdata import oblique_image
 
 INDICES = [(0, 0, 0), (12, 10, 8), (3, 7, 2), (12, 0, 8), (0, 10, 0)]  # (i, j, k) = (x, y, z)
 

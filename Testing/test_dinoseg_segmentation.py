@@ -11,21 +11,7 @@ from DINOSegLib import segmentation as seglib
 from DINOSegLib import volumes
 from DINOSegLib.models import read_model_info
 
-MODEL_JSON = {
-    "format": "dinomed-model/1",
-    "name": "tiny-petct",
-    "architecture": {"name": "meddinov3", "backbone": "vit_tiny", "in_chans": 2, "num_classes": 3},
-    "inputs": [{"modality": "CT"}, {"modality": "PET"}],
-    "labels": [
-        {"value": 1, "name": "lesion", "color": [230, 30, 30], "lesion": True,
-         "terminology": {"category": ["SCT", "49755003", "Morphologically Altered Structure"],
-                         "type": ["SCT", "108369006", "Neoplasm"]}},
-        {"value": 2, "name": "liver", "color": [221, 130, 101],
-         "terminology": {"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "10200004", "Liver"]}},
-        {"value": 3, "name": "spleen", "color": [157, 108, 162],
-         "terminology": {"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "78961009", "Spleen"]}},
-    ],
-}
+from dinoseg_testdata import MODEL_JSON
 
 
 @pytest.fixture

@@ -1,0 +1,431 @@
+"""Segmenting a patient's CT or PET/CT with a model folder: the whole-volume job behind ``dinomed segment``.
+
+The pipeline, in the order a reader of a PET/CT would expect it:
+
+1. read the CT (any format of :mod:`dinomed.io`, a DICOM series folder too) and the PET (a PET DICOM folder is
+   converted to SUV with :func:`dinomed.petct.suv_from_dicom`; a file is taken to be in SUV already and refused
+   when it is obviously in Bq/ml), and refuse NaN voxels;
+2. resample the PET onto the CT grid (physical space, identity transform; an error when the two do not overlap);
+3. normalise the channels in ``model.json["inputs"]`` order with :func:`dinomed.preprocess.normalize_channels`,
+   on the model's ``preprocessing.target_spacing`` grid when it names one;
+4. predict with :func:`dinomed.inference.predict.predict_volume` (slice batches for 2D models, MONAI sliding
+   windows for 3D models), on the chosen device and, on a GPU, under bf16/fp16 autocast;
+5. post-process: for every label, connected components smaller than ``inference.min_component_ml`` are removed;
+6. write the label map on the CT grid (uint8, ``CopyInformation`` from the CT), the label table sidecar
+   (:func:`label_sidecar_path`) and, with a PET, the lesion statistics of the labels flagged ``lesion: true``.
+
+Every input and output path is checked before the model runs, so bad input fails in a second with one line and
+leaves no output file behind; outputs are written atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..atomic import atomic_write_text
+from ..errors import DinomedError, InputImageError
+
+LABELS_FORMAT = "dinomed-labels/1"
+STATS_SUFFIXES = (".csv", ".json")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# devices and precision
+
+
+def resolve_device(name: str = "auto"):
+    """``auto`` → CUDA when present, else Apple MPS when present, else CPU; otherwise the named device,
+    refused with a clear error when this machine does not have it."""
+    import torch
+
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DinomedError(f"device {name!r} was asked for but this machine has no CUDA GPU (torch {torch.__version__}); use --device auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise DinomedError("device 'mps' was asked for but Apple MPS is not available here; use --device auto or cpu")
+    if not (name == "cpu" or name == "mps" or name.startswith("cuda")):
+        raise DinomedError(f"unknown device {name!r}; expected auto, cpu, cuda, cuda:N or mps")
+    return torch.device(name)
+
+
+def autocast_dtype(device):
+    """The reduced precision inference runs in on ``device``: bf16 on a CUDA GPU that has it, else fp16 there;
+    None (fp32) on the CPU and on MPS. A segmentation is an argmax of logits, which bf16 leaves unchanged but
+    at class boundaries; CPU autocast is slower than fp32 on most machines."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def amp_setting(device) -> str:
+    """The ``amp`` argument of :func:`dinomed.inference.predict.predict_volume` for ``device``."""
+    import torch
+
+    dtype = autocast_dtype(device)
+    return "off" if dtype is None else ("bf16" if dtype == torch.bfloat16 else "fp16")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def modalities(model_json: dict) -> list[str]:
+    """The input modalities of a model in channel order (``model.json["inputs"]``), upper case."""
+    inputs = model_json.get("inputs") or [{"modality": "CT"}]
+    return [str(i.get("modality", "") if isinstance(i, dict) else i).upper() for i in inputs]
+
+
+def check_finite(image: sitk.Image, name: str) -> None:
+    """Refuse a volume with NaN or infinite voxels (a broken conversion; a model would spread them)."""
+    array = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise InputImageError(
+                f"{name}: {bad} of {array.size} voxels are NaN or infinite; expected finite intensities "
+                "(fix or mask them before segmenting)"
+            )
+
+
+def read_ct(path: str | os.PathLike) -> sitk.Image:
+    """The CT (HU) from a file or a DICOM series folder, checked to be a finite 3D volume."""
+    from ..io import read_image
+
+    ct = read_image(path)
+    check_finite(ct, str(path))
+    return ct
+
+
+def read_pet_suv(path: str | os.PathLike) -> sitk.Image:
+    """The PET in SUV (body weight): a DICOM folder is converted with :func:`dinomed.petct.suv_from_dicom`;
+    a file (NIfTI, NRRD, …) is taken to be in SUV already and refused when its values look like Bq/ml."""
+    from ..io import read_image
+    from ..preprocess import check_pet_is_suv
+
+    path = Path(path)
+    if path.is_dir():
+        from ..petct import suv_from_dicom
+
+        pet = suv_from_dicom(path)
+    else:
+        pet = read_image(path)
+    check_finite(pet, str(path))
+    check_pet_is_suv(sitk.GetArrayViewFromImage(pet), str(path))
+    return pet
+
+
+def pet_on_ct_grid(pet: sitk.Image, ct: sitk.Image, pet_name: str = "PET", ct_name: str = "CT") -> sitk.Image:
+    """The PET (SUV, float32) resampled linearly onto the CT grid; 0 outside the PET field of view."""
+    from ..petct import resample_to_reference
+
+    pet = sitk.Cast(pet, sitk.sitkFloat32)
+    return resample_to_reference(pet, ct, "linear", 0.0, name=pet_name, reference_name=ct_name)
+
+
+def _target_grid(ct: sitk.Image, target_spacing) -> sitk.Image | None:
+    """A grid with the CT's origin and direction covering the same extent at ``target_spacing`` (x, y, z mm);
+    None when the model wants the CT's own grid."""
+    if not target_spacing:
+        return None
+    spacing = np.asarray([float(s) for s in target_spacing])
+    if spacing.shape != (3,) or np.any(spacing <= 0):
+        raise DinomedError(f"model.json preprocessing.target_spacing must be three positive millimetre values [x, y, z], found {target_spacing}")
+    old = np.asarray(ct.GetSpacing())
+    if np.allclose(old, spacing, rtol=1e-3):
+        return None
+    size = np.maximum(1, np.round(np.asarray(ct.GetSize()) * old / spacing)).astype(int)
+    grid = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
+    grid.SetSpacing(spacing.tolist())
+    # keep the physical edge of the first voxel where it was: origin moves by half the change of voxel size
+    direction = np.asarray(ct.GetDirection()).reshape(3, 3)
+    shift = direction @ ((spacing - old) / 2.0)
+    grid.SetOrigin((np.asarray(ct.GetOrigin()) + shift).tolist())
+    grid.SetDirection(ct.GetDirection())
+    return grid
+
+
+def model_channels(model_json: dict, ct: sitk.Image, pet: sitk.Image | None, grid: sitk.Image | None = None,
+                   ct_name: str = "CT", pet_name: str = "PET") -> np.ndarray:
+    """The normalised input array ``(C, z, y, x)`` in ``model.json["inputs"]`` order, on ``grid`` (default:
+    the CT grid). ``pet`` must already be on the CT grid."""
+    from ..preprocess import default_spec, normalize_channels
+
+    mods = modalities(model_json)
+    specs = (model_json.get("preprocessing") or {}).get("channels") or [default_spec(m) for m in mods]
+    arrays = []
+    for mod in mods:
+        if mod == "CT":
+            image = ct
+        elif mod == "PET":
+            if pet is None:
+                raise DinomedError(
+                    f"model {model_json.get('name', '?')!r} needs a PET (inputs: {', '.join(mods)}) but none was given; "
+                    "pass --pet PET (SUV image or PET DICOM folder)"
+                )
+            image = pet
+        else:
+            raise DinomedError(f"model {model_json.get('name', '?')!r}: unsupported input modality {mod!r}; expected CT or PET")
+        if grid is not None:
+            image = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), grid, sitk.Transform(), sitk.sitkLinear,
+                                  -1000.0 if mod == "CT" else 0.0, sitk.sitkFloat32)
+        arrays.append(sitk.GetArrayViewFromImage(image))
+    return normalize_channels(arrays, specs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# post-processing
+
+
+def min_component_voxels(model_json: dict, spacing) -> dict[int, int]:
+    """The minimum component size in voxels per label value, from ``inference.min_component_ml``.
+
+    ``min_component_ml`` is a number (every label) or a dict keyed by label name or value; the key ``lesion``
+    also applies to every label flagged ``lesion: true`` that has no entry of its own.
+    """
+    spec = (model_json.get("inference") or {}).get("min_component_ml") or {}
+    voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
+    labels = model_json.get("labels") or []
+    out = {}
+    for lab in labels:
+        value, name = int(lab["value"]), str(lab.get("name", ""))
+        if isinstance(spec, (int, float)):
+            ml = float(spec)
+        else:
+            ml = spec.get(name, spec.get(str(value)))
+            if ml is None and lab.get("lesion"):
+                ml = spec.get("lesion")
+        if ml:
+            out[value] = int(np.ceil(float(ml) / voxel_ml - 1e-9))
+    return out
+
+
+def remove_small_components(labels: sitk.Image, minimum_voxels: dict[int, int]) -> sitk.Image:
+    """``labels`` with every connected component (26-connected) of a label smaller than its minimum set to
+    background 0; labels without a minimum are kept as they are."""
+    array = sitk.GetArrayFromImage(labels)
+    present = set(np.unique(array).tolist())
+    for value, minimum in minimum_voxels.items():
+        if value not in present or minimum <= 1:
+            continue
+        mask = sitk.Equal(labels, int(value))
+        components = sitk.ConnectedComponent(mask, True)
+        kept = sitk.RelabelComponent(components, minimumObjectSize=int(minimum))
+        drop = (array == value) & (sitk.GetArrayViewFromImage(kept) == 0)
+        array[drop] = 0
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(labels)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# outputs
+
+
+def label_sidecar_path(seg_path: str | os.PathLike) -> Path:
+    """Where the label table of a label map is written: the label map's name with its image suffix replaced by
+    ``.labels.json`` (``seg.nii.gz`` → ``seg.labels.json``, ``case.seg.nrrd`` → ``case.seg.labels.json``)."""
+    from ..io import image_suffix
+
+    seg_path = Path(seg_path)
+    suffix = image_suffix(seg_path)
+    stem = seg_path.name[: -len(suffix)] if suffix else seg_path.name
+    return seg_path.with_name(stem + ".labels.json")
+
+
+def label_table(model_json: dict, labels: sitk.Image | None = None) -> dict:
+    """The sidecar document: format, model name, and each label (value, name, colour, lesion flag, SNOMED-CT
+    terminology) with, when ``labels`` is given, its voxel count and volume in ml."""
+    entries = [dict(lab) for lab in (model_json.get("labels") or [])]
+    if labels is not None:
+        counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel(), minlength=256)
+        voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
+        for lab in entries:
+            lab["voxels"] = int(counts[int(lab["value"])])
+            lab["volume_ml"] = round(lab["voxels"] * voxel_ml, 4)
+    return {"format": LABELS_FORMAT, "model": model_json.get("name"), "background": 0, "labels": entries}
+
+
+def check_output_path(path: str | os.PathLike, what: str, suffixes: tuple[str, ...]) -> Path:
+    """Refuse, before any work, an output path that cannot be written: unknown suffix, a folder in the way, or
+    a parent that is a file or not writable."""
+    path = Path(path)
+    name = path.name.lower()
+    if not any(name.endswith(s) for s in suffixes):
+        raise DinomedError(f"{path}: cannot write the {what} here; expected a file name ending in {', '.join(suffixes)}")
+    if path.is_dir():
+        raise DinomedError(f"{path}: cannot write the {what}: a folder of that name is in the way")
+    parent = path.parent if str(path.parent) else Path(".")
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DinomedError(f"{path}: cannot write the {what}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DinomedError(f"{path}: cannot write the {what}: the folder {probe} is not writable")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the job
+
+
+@dataclass
+class SegmentationResult:
+    """What a segmentation run produced: the label map on the CT grid and, with a PET, the lesion statistics."""
+
+    labels: sitk.Image
+    model_json: dict
+    device: str
+    precision: str
+    seconds: float
+    lesions: list = field(default_factory=list)
+    paths: dict = field(default_factory=dict)  # kind -> written path
+
+    @property
+    def lesion_count(self) -> int:
+        """Connected lesions found (the per-label ``total`` rows of the statistics not counted)."""
+        return sum(1 for row in self.lesions if str(getattr(row, "lesion", "")) != "total")
+
+
+def segment_images(
+    model,
+    model_json: dict,
+    ct: sitk.Image,
+    pet_on_ct: sitk.Image | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> sitk.Image:
+    """The post-processed label map (uint8) of ``model`` on the CT grid for a CT and a PET already on that grid.
+
+    The model runs on the device its parameters are on, in the precision :func:`autocast_dtype` gives there.
+    """
+    from .predict import model_device, predict_volume
+
+    grid = _target_grid(ct, (model_json.get("preprocessing") or {}).get("target_spacing"))
+    channels = model_channels(model_json, ct, pet_on_ct, grid)
+    predicted = predict_volume(model, model_json, channels, amp=amp_setting(model_device(model)), progress=progress)
+    del channels
+    predicted = np.asarray(predicted)
+    if predicted.max(initial=0) > 255 or predicted.min(initial=0) < 0:
+        raise DinomedError(f"the model predicted label values outside 0..255 ({predicted.min()}..{predicted.max()})")
+    labels = sitk.GetImageFromArray(predicted.astype(np.uint8, copy=False))
+    if grid is not None:
+        labels.CopyInformation(grid)
+        labels = sitk.Resample(labels, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    else:
+        labels.CopyInformation(ct)
+    labels = remove_small_components(labels, min_component_voxels(model_json, ct.GetSpacing()))
+    labels.CopyInformation(ct)
+    return labels
+
+
+def segment_files(
+    model_dir: str | os.PathLike,
+    ct_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    pet_path: str | os.PathLike | None = None,
+    stats_path: str | os.PathLike | None = None,
+    device: str = "auto",
+    events=None,
+) -> SegmentationResult:
+    """``dinomed segment``: segment the CT (and PET) files with the model folder and write the outputs.
+
+    Writes ``out_path`` (label map, uint8, on the CT grid), its label table (:func:`label_sidecar_path`) and,
+    with a PET and ``stats_path``, the lesion statistics (CSV or JSON by suffix). Everything is validated
+    before the model runs; nothing is written when an input is bad.
+    """
+    import time
+
+    from ..events import EventWriter
+    from ..io import IMAGE_SUFFIXES, write_image
+    from ..models import load_model_folder, read_model_json
+
+    events = events or EventWriter(enabled=False)
+    started = time.perf_counter()
+    write_suffixes = tuple(s for s in IMAGE_SUFFIXES if s not in (".nhdr", ".mhd"))
+    out_path = check_output_path(out_path, "label map", write_suffixes)
+    if stats_path is not None:
+        stats_path = check_output_path(stats_path, "lesion statistics", STATS_SUFFIXES)
+        if pet_path is None:
+            raise DinomedError(f"{stats_path}: lesion statistics need a PET (SUV); pass --pet or leave out --stats")
+
+    model_json = read_model_json(model_dir)
+    if not (Path(model_dir) / "model.safetensors").is_file():
+        raise DinomedError(f"{model_dir}: model.safetensors is missing (the model folder holds only model.json)")
+    mods = modalities(model_json)
+    if "PET" in mods and pet_path is None:
+        raise DinomedError(
+            f"model {model_json.get('name', model_dir)!r} ({model_dir}) needs a PET (inputs: {', '.join(mods)}) but none "
+            "was given; pass --pet PET (SUV image or PET DICOM folder)"
+        )
+    ct = read_ct(ct_path)
+    pet = None
+    if pet_path is not None:
+        pet = pet_on_ct_grid(read_pet_suv(pet_path), ct, pet_name=f"PET {pet_path}", ct_name=f"CT {ct_path}")
+    torch_device = resolve_device(device)
+    model, model_json = load_model_folder(model_dir, device=torch_device)
+    dtype = autocast_dtype(torch_device)
+    precision = "fp32" if dtype is None else str(dtype).replace("torch.", "")
+    events.log(f"segmenting {ct_path} with {model_json.get('name', model_dir)} on {torch_device} ({precision})")
+
+    def progress(done: int, total: int) -> None:
+        events.progress(done, total, "slices" if model_json.get("inference", {}).get("mode", "slicewise2d") == "slicewise2d" else "windows")
+
+    labels = segment_images(model, model_json, ct, pet, progress=progress)
+    del model
+
+    lesions = []
+    if pet is not None:
+        lesions = _lesion_statistics(labels, pet, model_json)
+
+    paths = {}
+    write_image(labels, out_path)
+    paths["segmentation"] = out_path
+    sidecar = label_sidecar_path(out_path)
+    atomic_write_text(sidecar, json.dumps(label_table(model_json, labels), indent=2) + "\n")
+    paths["labels"] = sidecar
+    if stats_path is not None:
+        _write_stats(lesions, stats_path)
+        paths["lesion_table"] = stats_path
+    for kind, path in paths.items():
+        events.artifact(kind, str(path))
+    seconds = time.perf_counter() - started
+    return SegmentationResult(labels=labels, model_json=model_json, device=str(torch_device), precision=precision,
+                              seconds=seconds, lesions=lesions, paths=paths)
+
+
+def lesion_label_values(model_json: dict) -> list[int]:
+    """The label values flagged ``lesion: true`` in model.json (tumours, lymph nodes)."""
+    return [int(lab["value"]) for lab in (model_json.get("labels") or []) if lab.get("lesion")]
+
+
+def _lesion_statistics(labels: sitk.Image, pet_on_ct: sitk.Image, model_json: dict) -> list:
+    """PET statistics (SUVmax, SUVpeak, SUVmean, MTV, TLG) per connected lesion of each lesion label, and
+    per label in total (:func:`dinomed.petct.lesion_statistics`)."""
+    from ..petct import lesion_statistics
+
+    values = lesion_label_values(model_json)
+    if not values:
+        return []
+    names = {int(lab["value"]): str(lab.get("name", lab["value"])) for lab in model_json.get("labels") or []}
+    return lesion_statistics(pet_on_ct, labels, label_values=values, label_names=names)
+
+
+def _write_stats(lesions: list, path: Path) -> None:
+    from ..petct import write_lesion_table
+
+    write_lesion_table(lesions, path)

@@ -6,7 +6,8 @@ for all lesions of a label together ("total"):
 
 * SUVmax: the highest SUV in the lesion;
 * SUVpeak: the mean SUV of the PET voxels whose centres lie within 6.2 mm (a 1 cm^3 sphere) of the lesion's
-  hottest voxel, measured with the physical spacing (PERCIST; the sphere may reach outside the mask);
+  hottest voxel, measured with the physical spacing (PERCIST; the sphere may reach outside the mask); when
+  several voxels share the maximum, the one nearest the lesion's centroid;
 * SUVmean, the metabolic tumour volume MTV (ml, voxel count x voxel volume) and the total lesion
   glycolysis TLG = SUVmean x MTV (for the total row: the sum over lesions, which is the same);
 * the centroid, as a voxel index (x, y, z, continuous) and in physical LPS millimetres.
@@ -80,10 +81,12 @@ def suv_peak(pet: np.ndarray, hottest_zyx: tuple[int, int, int], spacing_zyx, ra
 
 def _row(label, name, lesion, pet, spacing_zyx, image, coords, values) -> LesionStats:
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
-    hottest = int(np.argmax(values))
     suv_mean = float(values.mean())
     mtv = values.size * voxel_ml
     centroid_zyx = coords.mean(axis=0)
+    # the hottest voxel; among equally hot voxels the one nearest the centroid (a plateau is peaked in its middle)
+    tied = np.flatnonzero(values == values.max())
+    hottest = int(tied[np.argmin((((coords[tied] - centroid_zyx) * spacing_zyx) ** 2).sum(axis=1))])
     centroid_xyz = [float(v) for v in centroid_zyx[::-1]]
     lps = image.TransformContinuousIndexToPhysicalPoint(centroid_xyz)
     return LesionStats(

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+SHOWN_LESIONS = 10  # lesions listed in the printed summary (largest first); the table has them all
+
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     """Sørensen-Dice overlap of two boolean masks; NaN when both are empty."""
@@ -39,11 +41,12 @@ class DemoReport:
         if self.dice:
             shown = ", ".join(f"{name} {value:.3f}" if value == value else f"{name} n/a" for name, value in self.dice.items())
             lines.append(f"  Dice vs ground truth: {shown}")
-        for row in self.lesion_rows:
-            if str(row.lesion) == "total":
-                continue
+        rows = [row for row in self.lesion_rows if str(row.lesion) != "total"]
+        for row in rows[:SHOWN_LESIONS]:
             lines.append(f"    {row.name} {row.lesion}: SUVmax {row.suv_max:.2f}, SUVpeak {row.suv_peak:.2f}, "
                          f"SUVmean {row.suv_mean:.2f}, MTV {row.mtv_ml:.2f} ml, TLG {row.tlg:.2f} g")
+        if len(rows) > SHOWN_LESIONS:
+            lines.append(f"    … and {len(rows) - SHOWN_LESIONS} smaller lesion(s); all are in the lesion table")
         for kind, path in self.paths.items():
             lines.append(f"  {kind}: {path}")
         lines.append("  (the demo model knows only synthetic phantoms; it is not for patient images)")

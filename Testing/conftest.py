@@ -39,3 +39,8 @@ def scene():
 def dinomed_python() -> str:
     """The interpreter that runs ``python -m dinomed`` in these tests: the project's venv."""
     return sys.executable
+
+
+def pytest_configure(config):
+    # the same marker as core_lib's pyproject (that config is not read when only Testing/ is collected)
+    config.addinivalue_line("markers", "slow: takes more than a few seconds; deselect with -m 'not slow'")

@@ -3,7 +3,9 @@ scalar volume with a colour table, both on the grid of the image they were compu
 map that follows a markups point as the user drags it.
 
 The features themselves are computed once by the child process (``dinomed features … --cache DIR``);
-here they are only read and compared (numpy, no torch). :class:`FeatureGrid` is the in-memory form:
+here they are only read (:func:`read_feature_cache`) and compared (numpy, no torch). The live map uses the
+nearest feature cell (a patch's voxels share its value); ``dinomed features --cosine`` writes the smooth
+(bilinearly upsampled) map when a figure is wanted. :class:`FeatureGrid` is the in-memory form:
 patch features ``(Zf, Yf, Xf, C)`` (float16) for an image of ``(Z, Y, X)`` voxels, a feature cell covering
 an equal share of the voxels along each axis (slice-wise models: ``Zf == Z``).
 """
@@ -17,7 +19,8 @@ import numpy as np
 import slicer
 import vtk
 
-from .volumes import VolumeIOError, add_volume_from_array, copy_geometry, ijk_to_ras, ras_to_ijk, update_volume_from_array
+from .volumes import (VolumeIOError, add_volume_from_array, copy_geometry, ijk_to_ras, lps_geometry, ras_to_ijk,
+                      update_volume_from_array)
 
 
 class FeatureCacheError(RuntimeError):
@@ -71,13 +74,53 @@ class FeatureGrid:
         return self.upsample(self.cosine_map_features(ijk)).astype(np.float32)
 
 
-def read_feature_cache(cache_dir: str | os.PathLike) -> FeatureGrid:
-    """Read the features that ``dinomed features --cache DIR`` stored.
+CACHE_FORMAT = "dinomed-features/1"
 
-    TODO(issue 6): the on-disk layout of the feature cache is defined by ``dinomed.features``, which has not
-    landed yet; until it does this raises instead of guessing a format."""
-    raise FeatureCacheError(f"cannot read the feature cache in {Path(cache_dir)}: the cache format of "
-                            "'dinomed features' is not available in this version of dinomed")
+
+def read_feature_cache(path: str | os.PathLike, image_node=None) -> FeatureGrid:
+    """Read a feature-cache entry written by ``dinomed features … --cache DIR`` (format ``dinomed-features/1``,
+    documented in ``dinomed/features/__init__.py``): ``<key>.json`` + ``<key>.npy`` (float16 ``(D, C, h, w)``,
+    16-voxel patches, zero padding at the bottom/right). numpy and json only, no torch.
+
+    ``path`` is the entry's JSON (the ``features`` artifact of the child) or a cache folder holding exactly
+    one entry. With ``image_node`` the entry must describe that volume's grid (same size, origin, spacing,
+    direction), so a stale cache is never shown over another image."""
+    import json
+
+    path = Path(path)
+    if path.is_dir():
+        entries = sorted(path.glob("*.json"))
+        if len(entries) != 1:
+            raise FeatureCacheError(f"the feature cache {path} holds {len(entries)} entries; give the entry's .json")
+        path = entries[0]
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FeatureCacheError(f"the feature cache entry {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FeatureCacheError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(info, dict) or info.get("format") != CACHE_FORMAT:
+        found = info.get("format") if isinstance(info, dict) else type(info).__name__
+        raise FeatureCacheError(f"{path}: expected a {CACHE_FORMAT!r} feature file, found format {found!r}")
+    try:
+        array = np.load(path.parent / info["array"], allow_pickle=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise FeatureCacheError(f"{path}: cannot read the feature array ({exc})") from None
+    if array.ndim != 4 or list(array.shape) != list(info.get("shape", [])):
+        raise FeatureCacheError(f"{path}: the array has shape {array.shape}, the JSON says {info.get('shape')}")
+    image = info["image"]
+    width, height, depth = (int(v) for v in image["size"])
+    if image_node is not None:
+        node_shape = tuple(reversed(image_node.GetImageData().GetDimensions()))
+        origin, spacing, direction = lps_geometry(image_node)
+        same = (node_shape == (depth, height, width) and np.allclose(origin, image["origin"], atol=1e-3)
+                and np.allclose(spacing, image["spacing"], atol=1e-5) and np.allclose(direction, image["direction"], atol=1e-5))
+        if not same:
+            raise FeatureCacheError(f"the features in {path} were computed on another image grid than "
+                                    f"{image_node.GetName()!r}; compute them again for this volume")
+    patch = int(info.get("patch_size", 16))
+    features = np.ascontiguousarray(np.transpose(array, (0, 2, 3, 1)))  # (D, h, w, C)
+    return FeatureGrid(features, (depth, height, width), voxels_per_cell=(1, patch, patch))
 
 
 # -- overlays -------------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """The PET lesion table: the CSV of ``dinomed lesions`` / ``dinomed segment --stats`` as a Slicer table node,
 and the jump from a row to its lesion.
 
+The CSV's columns are those of ``dinomed.petct.write_lesion_table``: ``label, name, lesion`` (1, 2, … by
+decreasing MTV, or ``total`` for a label's sum), ``voxels, mtv_ml, suv_max, suv_peak, suv_mean, tlg``,
+the centroid in LPS millimetres ``centroid_x_mm/y_mm/z_mm`` and as a voxel index ``centroid_i/j/k``.
 The table holds exactly the CSV's columns and values (numbers as doubles, integers as integers, text as
 text); known columns get a readable title and unit (SUVmax, MTV in ml, …). The lesion centroid is read
 from the CSV's LPS millimetres and turned into RAS for Slicer.
@@ -17,17 +20,23 @@ import vtk
 
 # column -> (title shown in Slicer, unit); unknown columns keep their name and no unit
 COLUMN_TITLES = {
+    "label": ("Label value", ""),
+    "name": ("Label", ""),
+    "lesion": ("Lesion", ""),
     "lesion_id": ("Lesion", ""),
-    "label": ("Label", ""),
     "voxels": ("Voxels", ""),
     "mtv_ml": ("MTV", "ml"),
     "suv_max": ("SUVmax", "g/ml"),
     "suv_peak": ("SUVpeak", "g/ml"),
     "suv_mean": ("SUVmean", "g/ml"),
     "tlg": ("TLG", "g"),
+    "centroid_x_mm": ("Centroid x (LPS)", "mm"),
+    "centroid_y_mm": ("Centroid y (LPS)", "mm"),
+    "centroid_z_mm": ("Centroid z (LPS)", "mm"),
 }
 # accepted spellings of the centroid columns (x, y, z in LPS millimetres, SimpleITK's physical space)
 CENTROID_COLUMNS = (
+    ("centroid_x_mm", "centroid_y_mm", "centroid_z_mm"),  # dinomed.petct.write_lesion_table
     ("centroid_lps_x", "centroid_lps_y", "centroid_lps_z"),
     ("centroid_x_lps", "centroid_y_lps", "centroid_z_lps"),
     ("centroid_x", "centroid_y", "centroid_z"),

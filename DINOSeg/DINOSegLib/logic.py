@@ -162,14 +162,54 @@ class DINOSegLogic:
             raise
         return self.finish_segmentation(job)
 
+    def lesions_command(self, pet_path, seg_path, out_path) -> list[str]:
+        """``dinomed lesions`` arguments (issue 3's CLI): statistics of a (corrected) label map."""
+        return ["lesions", "--pet", str(pet_path), "--seg", str(seg_path), "--out", str(out_path)]
+
+    def recompute_lesion_table(self, seg_node, pet, reference, model: ModelInfo | None = None, table_node=None,
+                               timeout: float | None = 600):
+        """Lesion statistics of the segmentation as it is now (after manual corrections): the label map and
+        the PET go to ``dinomed lesions`` in a child process; the table node is (re)filled from its CSV."""
+        from .segmentation import add_labelmap_node, labelmap_array_from_segmentation
+
+        label_values = None
+        if model is not None and model.lesion_labels:
+            label_values = {label.name: label.value for label in model.lesion_labels}
+        work = Path(tempfile.mkdtemp(prefix="dinoseg-lesions-"))
+        labelmap = None
+        try:
+            labelmap = add_labelmap_node(self.scene, labelmap_array_from_segmentation(seg_node, reference, label_values),
+                                         reference, "__dinoseg_lesions__")
+            seg_path = write_volume(labelmap, work / "labels.nrrd")
+            pet_path = write_volume(pet, work / "pet.nrrd")
+            out = work / "lesions.csv"
+            process = self.process_factory()
+            process.start(self.lesions_command(pet_path, seg_path, out))
+            process.wait(timeout=timeout)
+            process.check()
+            return lesion_table_node(self.scene, out, name=f"{reference.GetName()} lesions", node=table_node)
+        finally:
+            if labelmap is not None:
+                display = labelmap.GetDisplayNode()
+                self.scene.RemoveNode(labelmap)
+                if display is not None:
+                    self.scene.RemoveNode(display)
+            shutil.rmtree(work, ignore_errors=True)
+
     # -- features -------------------------------------------------------------------------------------
     def features_command(self, image_path, model_dir=None, backbone=None, layer=None, pca_out=None,
-                         cache_dir=None, pet_path=None) -> list[str]:
-        """``dinomed features`` arguments (issue 6's CLI)."""
-        if (model_dir is None) == (backbone is None):
-            raise DINOSegError("choose either a model folder or a backbone checkpoint for the features")
+                         cache_dir=None, pet_path=None, extra_args=()) -> list[str]:
+        """``dinomed features`` arguments (issue 6's CLI). ``extra_args`` e.g. ``["--arch", "vit_tiny",
+        "--random-init"]`` instead of a model or backbone (demos, tests)."""
+        if model_dir is not None and backbone is not None:
+            raise DINOSegError("choose either a model folder or a backbone checkpoint for the features, not both")
+        if model_dir is None and backbone is None and not extra_args:
+            raise DINOSegError("choose a model folder or a backbone checkpoint for the features")
         args = ["features", "--image", str(image_path)]
-        args += ["--model", str(model_dir)] if model_dir is not None else ["--backbone", str(backbone)]
+        if model_dir is not None:
+            args += ["--model", str(model_dir)]
+        elif backbone is not None:
+            args += ["--backbone", str(backbone)]
         if pet_path is not None:
             args += ["--pet", str(pet_path)]
         if layer is not None:
@@ -178,7 +218,53 @@ class DINOSegLogic:
             args += ["--pca", str(pca_out)]
         if cache_dir is not None:
             args += ["--cache", str(cache_dir)]
-        return args
+        return args + [str(a) for a in extra_args]
+
+    def start_features(self, image, model_dir=None, backbone=None, layer: int | None = None, pet=None,
+                       cache_dir: str | os.PathLike | None = None, pca: bool = True, extra_args=(),
+                       work_dir: str | os.PathLike | None = None) -> FeaturesJob:
+        """Write the image and start ``dinomed features`` (features cached in ``cache_dir``, by default a
+        folder kept for the session, so that the next map of the same image and model is instant)."""
+        if image is None or image.GetImageData() is None:
+            raise DINOSegError("select an image volume first")
+        work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="dinoseg-features-"))
+        work.mkdir(parents=True, exist_ok=True)
+        cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "dinoseg-feature-cache"
+        image_path = write_volume(image, work / "image.nrrd")
+        pet_path = write_volume(pet, work / "pet.nrrd") if pet is not None else None
+        pca_path = work / "pca.nrrd" if pca else None
+        process = self.process_factory()
+        process.start(self.features_command(image_path, model_dir, backbone, layer, pca_path, cache, pet_path, extra_args))
+        return FeaturesJob(image=image, work_dir=work, cache_dir=cache, pca_path=pca_path, process=process)
+
+    def finish_features(self, job: "FeaturesJob", keep_files: bool = False):
+        """After the child exited: the PCA overlay node (or None) and the cached features (a FeatureGrid)."""
+        from .features import load_rgb_overlay, read_feature_cache
+
+        job.process.wait()
+        job.process.check()
+        artifacts = job.process.artifacts()
+        pca_node = None
+        if job.pca_path is not None:
+            pca_node = load_rgb_overlay(self.scene, artifacts.get("pca", job.pca_path), job.image,
+                                        name=f"{job.image.GetName()} PCA map")
+        if "features" not in artifacts:
+            raise DINOSegError("dinomed features reported no feature cache entry")
+        grid = read_feature_cache(artifacts["features"], job.image)
+        if not keep_files:
+            shutil.rmtree(job.work_dir, ignore_errors=True)
+        return pca_node, grid
+
+
+@dataclass
+class FeaturesJob:
+    """A running ``dinomed features``: the image, its work folder, the cache and the process."""
+
+    image: object
+    work_dir: Path
+    cache_dir: Path
+    pca_path: Path | None
+    process: DinomedProcess
 
 
 def _series_file(path: Path) -> Path:

@@ -1,0 +1,236 @@
+"""Finetuning configuration: a YAML recipe over built-in defaults, then ``key=value`` overrides.
+
+A recipe (``dinomed/configs/finetune/<name>.yaml`` or any YAML file) names the model architecture (the
+``architecture`` dict of a ``model.json``), the inputs, the labels, the data sampling, augmentation,
+optimiser and training loop settings. ``key=value`` overrides use dotted keys and YAML values
+(``optim.lr=3e-4``, ``data.patch_size=[32,32]``, ``model.backbone_checkpoint=/ckpt/pet.pth``). A run writes its
+resolved config next to its state, and ``--resume`` refuses a config that differs from it.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from ..errors import DinomedError
+
+# YAML 1.1 (PyYAML) reads 3e-4 as a string; numbers in exponent form are what people type for learning rates
+_EXPONENT_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+$")
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "finetune"
+
+DEFAULTS: dict[str, Any] = {
+    "name": "finetuned-model",
+    # the ``architecture`` of model.json; ``in_chans`` and ``num_classes`` are filled in from inputs and labels
+    "model": {},
+    # a model folder whose weights initialise the model (e.g. DINO-Med3D stage II from the best stage-I model)
+    "init_from": None,
+    # dataset channels the model reads, by modality name (dataset.json channel_names), in model input order
+    "inputs": ["CT", "PET"],
+    # the classes the model learns, by dataset label name (value 1..K in this order); null: every dataset label
+    "labels": None,
+    # dataset labels folded into background (named explicitly, so that an unexpected label value is an error)
+    "background_labels": [],
+    # model.json preprocessing.channels (one spec per input); null: dinomed.preprocess defaults (CT window, PET log1p SUV)
+    "preprocessing": None,
+    "data": {
+        "patch_size": [128, 128],  # 2D models: [H, W] axial patches; 3D models: [D, H, W]
+        "pos": 2.0,  # foreground : background ratio of patch centres (RandCropByPosNegLabeld)
+        "neg": 1.0,
+        "val_fraction": 0.2,  # held-out share of the cases (at least one case)
+        "val_cases": None,  # explicit held-out case names (overrides val_fraction and folds)
+        "folds": None,  # k folds: hold out fold ``fold`` of ``folds`` (cases in a seeded order)
+        "fold": 0,
+        "split_seed": 0,
+        "max_val_cases": None,  # validate on at most this many of the held-out cases (time)
+    },
+    "augment": {
+        "flip_prob": 0.5,  # per axis, in-plane axes (and z for 3D models)
+        "affine_prob": 0.3,
+        "rotate_deg": 15.0,  # in-plane rotation range (+-)
+        "scale": 0.15,  # isotropic zoom range (+-)
+        "intensity_prob": 0.3,
+        "intensity_scale": 0.1,  # RandScaleIntensityd factors
+        "intensity_shift": 0.1,  # RandShiftIntensityd offsets (normalised units, inputs are in [-1, 1])
+    },
+    # batch_dice: Dice over the whole (per-process) batch as nnU-Net does, steadier for small classes; per-sample
+    # Dice (false) makes a DDP run exactly equal to a single-process run with the same global batch
+    "loss": {"lambda_dice": 1.0, "lambda_ce": 1.0, "batch_dice": False},
+    "optim": {
+        "lr": 1e-4,  # new layers (decoder, fusion, adapters)
+        "backbone_lr_scale": 0.1,  # pretrained encoder parameters get lr * this
+        "backbone_patterns": ["backbone", "encoder", "patch_embed"],  # parameter-name parts marking the encoder
+        "weight_decay": 0.05,
+        "betas": [0.9, 0.999],
+        "warmup_steps": 50,
+        "min_lr_ratio": 0.01,  # cosine floor, as a fraction of the peak learning rate
+        "grad_clip": 1.0,  # max gradient norm; null disables
+    },
+    "train": {
+        "max_steps": 1000,
+        "batch_size": 8,  # global batch (split across DDP ranks)
+        "seed": 0,
+        "amp": "auto",  # auto (bf16 on GPU, off on CPU), bf16, fp16, off
+        "device": "auto",  # auto, cpu, cuda, cuda:N
+        "val_every": 100,
+        "log_every": 10,
+        "save_every": None,  # state.pt every N steps (default: val_every); always at the end and on a stop
+        "stop_after": None,  # stop cleanly (state saved) after this step, e.g. to fit a job time limit
+        "num_workers": 0,
+    },
+    # model.json "inference" entries (batch_size, roi_size, overlap, min_component_ml); defaults per model kind
+    "inference": {},
+}
+
+
+def _merge(base: dict, update: dict, where: str = "") -> dict:
+    """Recursive dict update; a key unknown to ``base`` is an error except inside free-form sections."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        path = f"{where}{key}"
+        if key not in out and where.split(".")[0] not in FREE_FORM and path not in FREE_FORM:
+            known = ", ".join(sorted(out)) or "none"
+            raise DinomedError(f"unknown config key {path!r}; known keys here: {known}")
+        if isinstance(out.get(key), dict) and isinstance(value, dict):
+            out[key] = _merge(out[key], value, f"{path}.")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+# sections whose keys belong to someone else (the model registry checks model keys; model.json inference)
+FREE_FORM = ("model", "inference")
+
+
+def find_config(name_or_path: str | Path) -> Path:
+    """A config file path, or the bundled recipe of that name (``meddinov3`` → configs/finetune/meddinov3.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = CONFIG_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if not path.parent.parts and bundled.is_file():
+        return bundled
+    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise DinomedError(f"{name_or_path}: no such config file, and no bundled finetuning recipe of that name ({names})")
+
+
+def parse_overrides(items: Iterable[str]) -> dict:
+    """``["optim.lr=3e-4", "data.patch_size=[32,32]"]`` → a nested dict; values are parsed as YAML."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise DinomedError(f"override {item!r}: expected key=value (e.g. optim.lr=3e-4)")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise DinomedError(f"override {item!r}: empty key")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise DinomedError(f"override {item!r}: the value is not valid YAML ({exc})") from None
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise DinomedError(f"override {item!r}: {part!r} is set both as a value and as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise DinomedError(f"{path}: not valid YAML ({exc})") from None
+    except OSError as exc:
+        raise DinomedError(f"{path}: cannot read the config ({exc.strerror})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DinomedError(f"{path}: expected a mapping of config keys, found {type(data).__name__}")
+    return data
+
+
+def load_config(name_or_path: str | Path | None = None, overrides: Iterable[str] | dict = ()) -> dict:
+    """The resolved finetuning config: defaults ← recipe YAML ← overrides. Unknown keys are errors.
+
+    A recipe may start from another with ``base: other_recipe`` (resolved first, then updated).
+    """
+    cfg = copy.deepcopy(DEFAULTS)
+    if name_or_path is not None:
+        cfg = _merge(cfg, _recipe(find_config(name_or_path), seen=()))
+    over = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    cfg = _numbers(_merge(cfg, over))
+    check_config(cfg)
+    return cfg
+
+
+def _numbers(value):
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, str) and _EXPONENT_NUMBER.match(value.strip()):
+        return float(value)
+    return value
+
+
+def _recipe(path: Path, seen: tuple) -> dict:
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if str(path) in seen:
+        raise DinomedError(f"{path}: the 'base' chain loops ({' -> '.join(seen)})")
+    sibling = path.parent / (str(base) if str(base).endswith((".yaml", ".yml")) else f"{base}.yaml")
+    base_path = sibling if sibling.is_file() else find_config(base)
+    merged = _merge(copy.deepcopy(DEFAULTS), _recipe(base_path, seen + (str(path),)))
+    return _merge(merged, data)  # merging a full config over DEFAULTS again is idempotent
+
+
+def check_config(cfg: dict) -> None:
+    """Types and ranges that would otherwise fail deep inside training."""
+    def positive_int(path, value, allow_none=False):
+        if value is None and allow_none:
+            return
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise DinomedError(f"config {path}: expected a positive integer, found {value!r}")
+
+    if not isinstance(cfg["model"], dict) or "name" not in cfg["model"]:
+        raise DinomedError("config model: expected a mapping with the architecture 'name' (e.g. meddinov3)")
+    inputs = cfg["inputs"]
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
+        raise DinomedError(f"config inputs: expected a list of modality names such as [CT, PET], found {inputs!r}")
+    labels = cfg["labels"]
+    if labels is not None and (not isinstance(labels, list) or not labels):
+        raise DinomedError(f"config labels: expected a list of dataset label names (or null for all), found {labels!r}")
+    train, data = cfg["train"], cfg["data"]
+    for key in ("max_steps", "batch_size", "val_every", "log_every"):
+        positive_int(f"train.{key}", train[key])
+    positive_int("train.save_every", train["save_every"], allow_none=True)
+    positive_int("train.stop_after", train["stop_after"], allow_none=True)
+    if train["amp"] not in ("auto", "bf16", "fp16", "off", False, None):
+        raise DinomedError(f"config train.amp: expected auto, bf16, fp16 or off, found {train['amp']!r}")
+    patch = data["patch_size"]
+    if not isinstance(patch, list) or len(patch) not in (2, 3) or not all(isinstance(p, int) and p > 0 for p in patch):
+        raise DinomedError(f"config data.patch_size: expected [H, W] (2D models) or [D, H, W] (3D models), found {patch!r}")
+    if data["folds"] is not None:
+        positive_int("data.folds", data["folds"])
+        if not isinstance(data["fold"], int) or not 0 <= data["fold"] < data["folds"]:
+            raise DinomedError(f"config data.fold: expected 0..{data['folds'] - 1}, found {data['fold']!r}")
+    if not 0.0 < float(data["val_fraction"]) < 1.0:
+        raise DinomedError(f"config data.val_fraction: expected a fraction between 0 and 1, found {data['val_fraction']!r}")
+    optim = cfg["optim"]
+    for key in ("lr", "backbone_lr_scale", "weight_decay", "min_lr_ratio"):
+        if not isinstance(optim[key], (int, float)) or optim[key] < 0:
+            raise DinomedError(f"config optim.{key}: expected a non-negative number, found {optim[key]!r}")
+    if not isinstance(optim["warmup_steps"], int) or optim["warmup_steps"] < 0:
+        raise DinomedError(f"config optim.warmup_steps: expected a non-negative integer, found {optim['warmup_steps']!r}")
+
+
+def dump_config(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)

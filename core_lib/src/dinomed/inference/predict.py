@@ -1,0 +1,118 @@
+"""Whole-volume prediction: a ``(C, Z, Y, X)`` volume → a ``(Z, Y, X)`` label map, as ``model.json`` says.
+
+- ``inference.mode == "slicewise2d"`` (2D models): axial slices in batches of ``inference.batch_size``; only one
+  batch of logits is in memory at a time.
+- ``inference.mode == "sliding3d"`` (3D models): MONAI ``sliding_window_inference`` with ``roi_size`` ``[z, y, x]``,
+  ``overlap`` and Gaussian blending, ``batch_size`` windows per call; the volume is processed in slabs along z
+  (each with half a window of context on both sides) so that the class logits of only one slab are held.
+
+The same function validates during finetuning, evaluates (``dinomed evaluate``) and segments (``dinomed segment``),
+so that a model is always run the way it will be used.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import DinomedError, InputImageError
+
+SLAB_WINDOWS = 4  # a 3D slab spans this many window depths (plus context), bounding memory on long volumes
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def autocast_for(device: torch.device, amp: str | bool | None = "auto"):
+    """bf16 autocast on CUDA (``auto``/``bf16``), fp16 when asked; a no-op on CPU, where it does not pay."""
+    if device.type != "cuda" or amp in ("off", False, None):
+        return contextlib.nullcontext()
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def check_channels(model_json: dict, channels) -> np.ndarray:
+    """The model input as one ``(C, Z, Y, X)`` float32 array, its channel count checked against ``model.json``."""
+    specs = (model_json.get("preprocessing") or {}).get("channels") or model_json.get("inputs") or []
+    image = np.stack(list(channels)) if not isinstance(channels, np.ndarray) else channels
+    if image.ndim != 4:
+        raise InputImageError(f"expected the model input as (C, Z, Y, X), found shape {tuple(image.shape)}")
+    if specs and image.shape[0] != len(specs):
+        raise InputImageError(
+            f"the model reads {len(specs)} channel(s) ({', '.join(s.get('modality', '?') for s in specs)}), "
+            f"found {image.shape[0]}"
+        )
+    return np.ascontiguousarray(image, dtype=np.float32)
+
+
+@torch.inference_mode()
+def predict_volume(
+    model: nn.Module,
+    model_json: dict,
+    channels: np.ndarray | Sequence[np.ndarray],
+    *,
+    amp: str | None = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Segment a whole volume. ``channels``: the model input ``(C, Z, Y, X)`` (or a list of ``(Z, Y, X)``) in
+    ``model.json`` input order, normalised by :func:`dinomed.preprocess.normalize_channels` with the
+    ``preprocessing.channels`` specs. Returns the label map ``(Z, Y, X)`` uint8 in the model's label values
+    (0 = background). The model runs on its own device; ``progress(done, total)`` counts slices."""
+    image = check_channels(model_json, channels)
+    infer = model_json.get("inference", {})
+    mode = infer.get("mode", "slicewise2d")
+    was_training = model.training
+    model.eval()
+    try:
+        if mode == "slicewise2d":
+            return _predict_slices(model, image, int(infer.get("batch_size", 8)), amp, progress)
+        if mode == "sliding3d":
+            roi = [int(v) for v in infer.get("roi_size", [32, 128, 128])]
+            return _predict_sliding(model, image, roi, float(infer.get("overlap", 0.25)),
+                                    int(infer.get("batch_size", 1)), amp, progress)
+        raise DinomedError(f"model.json inference.mode {mode!r} is not supported; expected slicewise2d or sliding3d")
+    finally:
+        model.train(was_training)
+
+
+def _predict_slices(model, image: np.ndarray, batch_size: int, amp, progress) -> np.ndarray:
+    device = model_device(model)
+    depth = image.shape[1]
+    out = np.zeros(image.shape[1:], dtype=np.uint8)
+    for start in range(0, depth, max(1, batch_size)):
+        stop = min(depth, start + batch_size)
+        batch = torch.from_numpy(np.ascontiguousarray(image[:, start:stop].transpose(1, 0, 2, 3))).to(device)
+        with autocast_for(device, amp):
+            logits = model(batch)
+        out[start:stop] = logits.argmax(dim=1).to("cpu", torch.uint8).numpy()
+        if progress is not None:
+            progress(stop, depth)
+    return out
+
+
+def _predict_sliding(model, image: np.ndarray, roi: list[int], overlap: float, batch_size: int, amp,
+                     progress) -> np.ndarray:
+    from monai.inferers import sliding_window_inference
+
+    device = model_device(model)
+    depth = image.shape[1]
+    out = np.zeros(image.shape[1:], dtype=np.uint8)
+    slab = max(roi[0] * SLAB_WINDOWS, roi[0])
+    context = roi[0] // 2
+    for start in range(0, depth, slab):
+        stop = min(depth, start + slab)
+        lo, hi = max(0, start - context), min(depth, stop + context)
+        x = torch.from_numpy(np.ascontiguousarray(image[None, :, lo:hi])).to(device)
+        with autocast_for(device, amp):
+            logits = sliding_window_inference(x, roi, max(1, batch_size), model, overlap=overlap, mode="gaussian")
+        labels = logits.argmax(dim=1)[0].to("cpu", torch.uint8).numpy()
+        out[start:stop] = labels[start - lo: stop - lo]
+        if progress is not None:
+            progress(stop, depth)
+    return out

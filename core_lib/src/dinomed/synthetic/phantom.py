@@ -492,7 +492,16 @@ def make_phantom(
     ct_image = _grid_image(np.clip(np.round(ct), -1024, 3071).astype(np.int16), ct_spacing, ct_origin, ct_dir)
 
     # --- PET: PSF blur on the fine grid, onto the PET grid, counting noise, post-filter ----------------
-    activity = _grid_image(paint.pet, ct_spacing, ct_origin, ct_dir)
+    # a fine CT grid is first block-averaged to about half the PET voxel size (a detector-sized box, well
+    # below the PSF), so that blurring a 512x512 CT-sized activity map stays cheap
+    f = np.maximum(1, np.floor(pet_spacing / (2 * ct_spacing)).astype(int))  # x, y, z
+    act = paint.pet
+    if np.any(f > 1):
+        fz, fy, fx = int(f[2]), int(f[1]), int(f[0])
+        cz, cy, cx = (nz // fz) * fz, (ny // fy) * fy, (nx // fx) * fx
+        act = act[:cz, :cy, :cx].reshape(cz // fz, fz, cy // fy, fy, cx // fx, fx).mean(axis=(1, 3, 5), dtype=np.float32)
+    act_spacing = ct_spacing * f
+    activity = _grid_image(act, act_spacing, ct_origin + ct_dir @ ((f - 1) / 2 * ct_spacing), ct_dir)
     fwhm = rng.uniform(5.0, 7.0)
     activity = sitk.SmoothingRecursiveGaussian(activity, fwhm / (2 * math.sqrt(2 * math.log(2))))
     pet_ref = sitk.Image([int(v) for v in pet_size], sitk.sitkFloat32)

@@ -1,0 +1,199 @@
+"""The frozen DINOv3 baselines of the medical benchmark: slice-wise features → pseudo-3D volume → light 3D decoder,
+and the linear probe.
+
+Liu et al., "Does DINOv3 Set a New Medical Vision Standard? A Comprehensive Benchmark on 2D/3D Classification
+and Segmentation", arXiv:2509.06467, 3D segmentation protocol: the DINOv3 encoder stays frozen and is applied
+slice by slice (axial 2D slices of the volume); the 2D feature maps are stacked along depth into a pseudo-3D
+feature volume that a light 3D convolutional decoder with skip connections turns into a full-resolution
+segmentation; the linear-probing protocol puts a linear layer on the frozen patch tokens instead.
+
+What is here:
+
+``slicewise3d`` (3D, ``sliding3d`` inference)
+    ``head: "decoder"`` (default): the normalised patch tokens of four evenly spaced blocks are concatenated per
+    slice and stacked into ``(B, 4C, D, H/16, W/16)``; the decoder upsamples in-plane ×2 four times with
+    ``(1,2,2)`` transposed 3D convolutions, each stage concatenating a skip connection from a small 3D CNN on
+    the input at that resolution (full, 1/2, 1/4, 1/8 in-plane) followed by a 3×3×3 convolution, so that depth
+    context is mixed at every scale. ``head: "linear"``: the linear probe applied slice by slice (below).
+``linear_probe`` (2D, ``slicewise2d`` inference)
+    A 1×1 convolution (a linear classifier per patch token) on the frozen, normalised patch tokens of
+    ``layers`` (default: the last block), bilinearly upsampled to the input's resolution.
+
+The backbone is frozen (no gradient, kept in eval mode, run without autograd) unless ``freeze_backbone`` is false.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import (ConvNormAct3d, aggregation_layers, check_input, freeze, group_norm, make_backbone, pad_to_patch,
+                     vit_features)
+from .registry import register_model
+
+COMMON = {
+    "backbone": "vit_base",
+    "in_chans": 1,
+    "num_classes": None,
+    "layers": None,
+    "freeze_backbone": True,
+    "slice_batch": 32,  # slices per backbone call, to bound memory on long volumes
+}
+DEFAULTS_3D = {**COMMON, "head": "decoder", "decoder_channels": [128, 64, 32, 16], "skip_channels": [16, 32, 64, 128]}
+DEFAULTS_LINEAR = {**COMMON, "layers": [-1]}
+
+
+class FrozenSliceEncoder(nn.Module):
+    """A (by default frozen) DINOv3 ViT giving the normalised patch-token maps of ``layers`` for 2D slices."""
+
+    def __init__(self, cfg: dict, default_layers: list[int] | None):
+        super().__init__()
+        self.backbone = make_backbone(cfg["backbone"], cfg["in_chans"], cfg.get("backbone_checkpoint"))
+        self.layers = aggregation_layers(self.backbone, cfg["layers"] if cfg["layers"] is not None else default_layers)
+        self.frozen = bool(cfg["freeze_backbone"])
+        self.slice_batch = int(cfg["slice_batch"])
+        if self.frozen:
+            freeze(self.backbone)
+            self.backbone.eval()
+
+    @property
+    def out_channels(self) -> int:
+        return self.backbone.embed_dim * len(self.layers)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()  # a frozen encoder behaves the same in training and inference
+        return self
+
+    def forward(self, slices: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` slices with sides multiple of 16 → ``(N, C_feat, H/16, W/16)`` concatenated tokens."""
+        chunks = []
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            for start in range(0, slices.shape[0], self.slice_batch):
+                feats = vit_features(self.backbone, slices[start:start + self.slice_batch], self.layers)
+                chunks.append(torch.cat(feats, dim=1))
+        return torch.cat(chunks, dim=0)
+
+
+def volume_to_slices(x: torch.Tensor) -> torch.Tensor:
+    b, c, d, h, w = x.shape
+    return x.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w)
+
+
+def slices_to_volume(x: torch.Tensor, b: int, d: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return x.reshape(b, d, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+class LinearProbe(nn.Module):
+    """Linear probe: a 1×1 convolution on frozen patch tokens, upsampled bilinearly to the slice size (2D)."""
+
+    spatial_dims = 2
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.in_chans = cfg["in_chans"]
+        self.encoder = FrozenSliceEncoder(cfg, default_layers=[-1])
+        self.head = nn.Conv2d(self.encoder.out_channels, cfg["num_classes"], 1)
+
+    def forward_slices(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        xp, _ = pad_to_patch(x)
+        logits = self.head(self.encoder(xp))
+        logits = F.interpolate(logits, size=xp.shape[-2:], mode="bilinear", align_corners=False)
+        return logits[..., :h, :w]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, 4, self.in_chans, "linear_probe")
+        return self.forward_slices(x)
+
+
+class InputSkipEncoder(nn.Module):
+    """Skip connections of the light decoder: a small 3D CNN on the input at full, 1/2, 1/4, 1/8 in-plane
+    (one 3×3×3 convolution per scale, in-plane stride 2 between scales)."""
+
+    def __init__(self, in_chans: int, channels: list[int]):
+        super().__init__()
+        self.stages = nn.ModuleList()
+        cin = in_chans
+        for i, c in enumerate(channels):
+            stride = (1, 1, 1) if i == 0 else (1, 2, 2)
+            self.stages.append(ConvNormAct3d(cin, c, 3, stride=stride))
+            cin = c
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs  # full, 1/2, 1/4, 1/8 in-plane
+
+
+class PseudoVolumeDecoder(nn.Module):
+    """Light 3D decoder: 1/16 pseudo-3D features → four (1,2,2) upsampling stages with input skips → logits."""
+
+    def __init__(self, in_channels: int, in_chans: int, num_classes: int, channels: list[int], skip_channels: list[int]):
+        super().__init__()
+        if len(channels) != 4 or len(skip_channels) != 4:
+            raise ValueError("decoder_channels and skip_channels need 4 widths each")
+        self.skips = InputSkipEncoder(in_chans, skip_channels)
+        self.proj = ConvNormAct3d(in_channels, channels[0], 1)
+        self.ups = nn.ModuleList()
+        self.fuse = nn.ModuleList()
+        cin = channels[0]
+        for i, c in enumerate(channels):
+            self.ups.append(nn.Sequential(nn.ConvTranspose3d(cin, c, (1, 2, 2), stride=(1, 2, 2)), group_norm(c), nn.GELU()))
+            skip_c = skip_channels[3 - i]
+            self.fuse.append(ConvNormAct3d(c + skip_c, c, 3))
+            cin = c
+        self.classifier = nn.Conv3d(channels[-1], num_classes, 1)
+
+    def forward(self, feats: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        skips = self.skips(image)[::-1]  # 1/8, 1/4, 1/2, full
+        x = self.proj(feats)
+        for up, fuse, skip in zip(self.ups, self.fuse, skips):
+            x = fuse(torch.cat([up(x), skip], dim=1))
+        return self.classifier(x)
+
+
+class SlicewiseFrozen3D(nn.Module):
+    """Frozen DINOv3 slice-wise features stacked into a pseudo-3D volume + a light 3D decoder (or a linear probe)."""
+
+    spatial_dims = 3
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.in_chans = cfg["in_chans"]
+        self.head_kind = cfg["head"]
+        if self.head_kind == "linear":
+            self.probe = LinearProbe({**cfg, "layers": cfg["layers"] if cfg["layers"] is not None else [-1]})
+        elif self.head_kind == "decoder":
+            self.encoder = FrozenSliceEncoder(cfg, default_layers=None)
+            self.decoder = PseudoVolumeDecoder(self.encoder.out_channels, cfg["in_chans"], cfg["num_classes"],
+                                               list(cfg["decoder_channels"]), list(cfg["skip_channels"]))
+        else:
+            from ..errors import DinomedError
+
+            raise DinomedError(f"slicewise3d: head must be 'decoder' or 'linear', found {self.head_kind!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, 5, self.in_chans, "slicewise3d")
+        b, _, d, h, w = x.shape
+        if self.head_kind == "linear":
+            return slices_to_volume(self.probe.forward_slices(volume_to_slices(x)), b, d)
+        xp, _ = pad_to_patch(x)
+        feats = slices_to_volume(self.encoder(volume_to_slices(xp)), b, d)  # (B, C_feat, D, H/16, W/16)
+        return self.decoder(feats, xp)[..., :h, :w]
+
+
+@register_model("slicewise3d", defaults=DEFAULTS_3D, spatial_dims=3,
+                summary="frozen DINOv3 slice-wise features, pseudo-3D volume, light 3D decoder (head: linear = linear probe)")
+def build_slicewise3d(cfg: dict, load_checkpoints: bool = True) -> nn.Module:
+    return SlicewiseFrozen3D(cfg)
+
+
+@register_model("linear_probe", defaults=DEFAULTS_LINEAR, spatial_dims=2,
+                summary="linear probe: 1×1 head on frozen DINOv3 patch tokens, upsampled (2D)")
+def build_linear_probe(cfg: dict, load_checkpoints: bool = True) -> nn.Module:
+    return LinearProbe(cfg)

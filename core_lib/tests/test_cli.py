@@ -29,3 +29,24 @@ def test_events_are_json_lines(capsys):
     assert events[1]["loss"] is None  # NaN is not JSON
     assert parse_event("not an event") is None
     assert json.loads(lines[1])["dice"] == 0.5
+
+
+def test_atomic_write_leaves_no_temp_on_error_and_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    import pytest
+
+    from dinomed.atomic import atomic_path, atomic_write_text
+
+    target = tmp_path / "out.nii.gz"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("crash mid-write")
+    assert list(tmp_path.iterdir()) == []
+    atomic_write_text(tmp_path / "a.txt", "x")
+    mode = stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask

@@ -25,9 +25,7 @@ def scene():
     colors.SetMRMLScene(scene)  # adds the default colour nodes (Labels, Grey, PET-Heat, …)
     slice_node = slicer.vtkMRMLSliceNode()
     slice_node.SetLayoutName("Red")
-    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
-    scene.AddNode(slice_node)
-    slice_node.SetOrientationToAxial()
+    scene.AddNode(slice_node)  # default orientation: axial
     composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
     composite.SetLayoutName("Red")
     yield scene

@@ -10,8 +10,21 @@ from pathlib import Path
 
 MODEL_FORMAT = "dinomed-model/1"
 MODULE_ROOT = Path(__file__).resolve().parents[1]  # the DINOSeg module folder
-REPO_ROOT = MODULE_ROOT.parent  # the extension folder (source tree or install tree)
-BUNDLED_MODELS_DIR = REPO_ROOT / "Resources" / "Models"
+REPO_ROOT = MODULE_ROOT.parent  # the extension's source tree
+
+
+def extension_resource(name: str) -> Path:
+    """A folder of the extension's top-level ``Resources/`` (``Models``, ``SampleData``): in the source tree
+    ``<repo>/Resources/<name>``; in an installed extension the top-level CMakeLists.txt copies it into the
+    module's ``Resources/``."""
+    for candidate in (REPO_ROOT / "Resources" / name, MODULE_ROOT / "Resources" / name):
+        if candidate.is_dir():
+            return candidate
+    return REPO_ROOT / "Resources" / name
+
+
+BUNDLED_MODELS_DIR = extension_resource("Models")
+SAMPLE_DATA_DIR = extension_resource("SampleData")
 
 
 class ModelFolderError(ValueError):

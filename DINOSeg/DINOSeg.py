@@ -1,0 +1,389 @@
+"""DINOSeg: PET/CT and CT segmentation with DINOv3 foundation models in 3D Slicer.
+
+Thin on purpose: the Module (metadata, sample data), the Widget (the .ui bound to a parameter node, and
+the calls into the logic) and the Test. Everything that computes or touches MRML data lives in
+``DINOSegLib`` (Qt-free, tested headless); the models run in a ``dinomed`` child process.
+"""
+import logging
+import os
+import pathlib
+from typing import Annotated, Optional
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from DINOSegLib import DINOSegLogic, DinomedProcessError, add_model_folder, read_model_info
+from DINOSegLib import dependencies, display, features, lesions, training_set
+from DINOSegLib.models import BUNDLED_MODELS_DIR, SAMPLE_DATA_DIR
+
+MODELS_DIRECTORY_SETTING = "DINOSeg/ModelsDirectory"
+
+
+class DINOSeg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "DINOSeg"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["DINOSeg developers"]
+        self.parent.helpText = """
+Segment tumours, lymph nodes and organs on PET/CT or CT with DINOv3 foundation models, read the PET lesion
+statistics (SUVmax, SUVpeak, SUVmean, MTV, TLG), and look at what the model sees (PCA and cosine-similarity
+maps of its features). The bundled demo model knows only synthetic phantoms.
+"""
+        self.parent.acknowledgementText = """
+Built on DINOv3 (Meta AI), MedDINOv3, DINO-Med3D and Dual-DINOv3 PET/CT, with MONAI, SimpleITK and timm.
+"""
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """The bundled synthetic PET/CT case (Resources/SampleData) in the Sample Data module."""
+    import SampleData
+
+    folder = pathlib.Path(SAMPLE_DATA_DIR)
+    files = ["ct.nii.gz", "pet.nii.gz"]
+    if not all((folder / f).is_file() for f in files):
+        return
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="DINOSeg",
+        sampleName="DINOSegSyntheticPETCT",
+        thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons", "DINOSeg.png"),
+        uris=[(folder / f).as_uri() for f in files],
+        fileNames=["DINOSeg-synthetic-ct.nii.gz", "DINOSeg-synthetic-pet.nii.gz"],
+        nodeNames=["Synthetic CT", "Synthetic PET (SUV)"],
+        loadFileType=["VolumeFile", "VolumeFile"],
+        checksums=[None, None],
+    )
+
+
+@parameterNodeWrapper
+class DINOSegParameterNode:
+    """The module's state, bound to the .ui widgets through their ``SlicerParameterName`` property."""
+
+    ctVolume: vtkMRMLScalarVolumeNode
+    petVolume: vtkMRMLScalarVolumeNode
+    petOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    modelsDirectory: pathlib.Path
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    featureLayer: Annotated[int, WithinRange(-1, 47)] = -1
+    backbonePath: pathlib.Path
+    segmentation: vtkMRMLSegmentationNode
+    datasetDirectory: pathlib.Path
+    caseId: str = ""
+
+
+class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None  # a running segmentation or features job
+        self._onJobFinished = None
+        self._featureGrid = None
+        self._follower = None
+        self._timer = qt.QTimer()
+        self._timer.setInterval(100)
+        self._timer.timeout.connect(self._pollJob)
+
+    # -- setup ----------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DINOSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = DINOSegModuleLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.loadPetCtButton.connect("clicked(bool)", self.onLoadPetCt)
+        self.ui.petOpacitySlider.connect("valueChanged(double)", self.onPetOpacityChanged)
+        self.ui.addModelFolderButton.connect("clicked(bool)", self.onAddModelFolder)
+        self.ui.modelsDirectoryButton.connect("directoryChanged(QString)", self.refreshModels)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyOrCancel)
+        self.ui.lesionTableView.connect("clicked(QModelIndex)", self.onLesionRowClicked)
+        self.ui.pcaButton.connect("clicked(bool)", self.onPcaMap)
+        self.ui.similarityButton.connect("clicked(bool)", self.onSimilarity)
+        self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
+
+        self.initializeParameterNode()
+        self.refreshModels()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        if self._follower:
+            self._follower.stop()
+        if self._job is not None:
+            self._job.process.cancel()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.ctVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.ctVolume = first
+        if not str(self._parameterNode.modelsDirectory) or str(self._parameterNode.modelsDirectory) == ".":
+            saved = qt.QSettings().value(MODELS_DIRECTORY_SETTING)
+            self._parameterNode.modelsDirectory = pathlib.Path(saved or BUNDLED_MODELS_DIR)
+
+    def setParameterNode(self, inputParameterNode: Optional[DINOSegParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._updateButtons()
+
+    def _updateButtons(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        running = self._job is not None
+        self.ui.applyButton.enabled = running or bool(p.ctVolume and self.ui.modelSelector.currentData)
+        self.ui.applyButton.text = "Cancel" if running else "Apply"
+        self.ui.pcaButton.enabled = not running and bool(p.ctVolume)
+        self.ui.similarityButton.enabled = not running and bool(p.ctVolume)
+        self.ui.addCaseButton.enabled = bool(p.ctVolume and p.segmentation and str(p.datasetDirectory) not in ("", "."))
+
+    # -- inputs ---------------------------------------------------------------------------------------
+    def onLoadPetCt(self) -> None:
+        ct_path = qt.QFileDialog.getOpenFileName(None, "CT: a volume file, or any file of a DICOM series")
+        if not ct_path:
+            return
+        pet_path = qt.QFileDialog.getExistingDirectory(None, "PET DICOM folder (cancel for a PET volume file or no PET)")
+        if not pet_path:
+            pet_path = qt.QFileDialog.getOpenFileName(None, "PET volume file in SUV (cancel for CT only)") or None
+        with slicer.util.tryWithErrorDisplay("Could not load the PET/CT.", waitCursor=True):
+            if not self._ensureDependencies():
+                return
+            ct, pet = self.logic.lib.load_pet_ct(ct_path, pet_path)
+            self._parameterNode.ctVolume = ct
+            self._parameterNode.petVolume = pet
+
+    def onPetOpacityChanged(self, value: float) -> None:
+        p = self._parameterNode
+        if p and p.ctVolume:
+            display.show_pet_ct(slicer.mrmlScene, p.ctVolume, p.petVolume, opacity=value)
+
+    # -- models ---------------------------------------------------------------------------------------
+    def refreshModels(self, *args) -> None:
+        directory = str(self._parameterNode.modelsDirectory) if self._parameterNode else str(BUNDLED_MODELS_DIR)
+        qt.QSettings().setValue(MODELS_DIRECTORY_SETTING, directory)
+        self.logic.lib.models_dirs = [pathlib.Path(directory), pathlib.Path(BUNDLED_MODELS_DIR)]
+        self.ui.modelSelector.clear()
+        for folder in self.logic.lib.available_models():
+            try:
+                info = read_model_info(folder)
+            except ValueError as exc:
+                logging.warning(str(exc))
+                continue
+            inputs = "+".join(info.inputs)
+            self.ui.modelSelector.addItem(f"{info.name} ({inputs})", str(folder))
+        self._updateButtons()
+
+    def onAddModelFolder(self) -> None:
+        source = qt.QFileDialog.getExistingDirectory(None, "A model folder (model.json + model.safetensors)")
+        if not source:
+            return
+        with slicer.util.tryWithErrorDisplay("Could not add the model folder.", waitCursor=True):
+            add_model_folder(source, self._parameterNode.modelsDirectory)
+            self.refreshModels()
+
+    # -- segmentation ---------------------------------------------------------------------------------
+    def onApplyOrCancel(self) -> None:
+        if self._job is not None:
+            self._job.process.cancel()
+            self._log("Cancelled.")
+            self._endJob()
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
+            if not self._ensureDependencies():
+                return
+            self.ui.logTextEdit.clear()
+            job = self.logic.lib.start_segmentation(p.ctVolume, self.ui.modelSelector.currentData, pet=p.petVolume,
+                                                    device=p.device)
+            self._startJob(job, self._onSegmentationFinished)
+
+    def _onSegmentationFinished(self, job) -> None:
+        result = self.logic.lib.finish_segmentation(job)
+        self._parameterNode.segmentation = result.segmentation
+        result.segmentation.CreateClosedSurfaceRepresentation()
+        if result.lesion_table is not None:
+            self.ui.lesionTableView.setMRMLTableNode(result.lesion_table)
+            self.ui.lesionTableView.show()
+        self._log(f"Done: {result.segmentation.GetName()}")
+
+    def onLesionRowClicked(self, index) -> None:
+        table = self.ui.lesionTableView.mrmlTableNode()
+        if table is None:
+            return
+        with slicer.util.tryWithErrorDisplay("Could not jump to the lesion."):
+            ras = lesions.lesion_centroid_ras(table, index.row())
+            lesions.jump_slices_to(slicer.mrmlScene, ras)
+
+    # -- features -------------------------------------------------------------------------------------
+    def _featureSource(self) -> dict:
+        backbone = str(self._parameterNode.backbonePath)
+        if backbone not in ("", ".") and os.path.isfile(backbone):
+            return {"backbone": backbone}
+        if self.ui.modelSelector.currentData:
+            return {"model_dir": self.ui.modelSelector.currentData}
+        raise ValueError("choose a model above, or a backbone checkpoint file")
+
+    def onPcaMap(self) -> None:
+        self._runFeatures(pca=True, then=None)
+
+    def onSimilarity(self) -> None:
+        if self._featureGrid is None:
+            self._runFeatures(pca=False, then=self._startSimilarity)
+        else:
+            self._startSimilarity()
+
+    def _runFeatures(self, pca: bool, then) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not compute the features.", waitCursor=True):
+            if not self._ensureDependencies():
+                return
+            job = self.logic.lib.start_features(p.ctVolume, layer=p.featureLayer, pca=pca, **self._featureSource())
+
+            def finished(job):
+                pca_node, self._featureGrid = self.logic.lib.finish_features(job)
+                if pca_node is not None:
+                    display.show_overlay(slicer.mrmlScene, pca_node)
+                if then:
+                    then()
+
+            self._startJob(job, finished)
+
+    def _startSimilarity(self) -> None:
+        p = self._parameterNode
+        point = self.ui.similarityPointPlaceWidget.currentNode()
+        if point is None:
+            point = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Similarity point")
+            point.SetMaximumNumberOfControlPoints(1)
+            self.ui.similarityPointPlaceWidget.setCurrentNode(point)
+        if self._follower:
+            self._follower.stop()
+        self._follower = features.CosineMapFollower(slicer.mrmlScene, p.ctVolume, self._featureGrid)
+        self._follower.follow(point)
+        self.ui.similarityPointPlaceWidget.setPlaceModeEnabled(True)
+        if self._follower.volume is not None:
+            display.show_overlay(slicer.mrmlScene, self._follower.volume)
+
+    # -- training set ---------------------------------------------------------------------------------
+    def onAddCase(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not add the case.", waitCursor=True):
+            case_id = p.caseId or training_set.next_case_id(p.datasetDirectory)
+            written = training_set.add_case(p.datasetDirectory, case_id, p.ctVolume, p.segmentation, p.petVolume)
+            self.ui.trainingStatusLabel.text = f"Added {case_id}: {', '.join(path.name for path in written.values())}"
+            p.caseId = ""
+
+    # -- child process --------------------------------------------------------------------------------
+    def _ensureDependencies(self) -> bool:
+        return dependencies.ensure_dependencies(confirm=slicer.util.confirmOkCancelDisplay)
+
+    def _startJob(self, job, onFinished) -> None:
+        self._job = job
+        self._onJobFinished = onFinished
+        self.ui.progressBar.value = 0
+        self._timer.start()
+        self._updateButtons()
+
+    def _pollJob(self) -> None:
+        job = self._job
+        if job is None:
+            return
+        for event in job.process.poll():
+            if event["event"] == "progress":
+                self.ui.progressBar.value = job.process.progress.percent
+                self.ui.progressBar.format = f"{job.process.progress.message} %p%"
+            elif event["event"] in ("log", "error"):
+                self._log(event.get("message", ""))
+        if job.process.running:
+            return
+        onFinished = self._onJobFinished
+        self._endJob()
+        try:
+            onFinished(job)
+            self.ui.progressBar.value = 100
+        except (DinomedProcessError, RuntimeError, ValueError) as exc:
+            self._log(str(exc))
+            slicer.util.errorDisplay(str(exc))
+
+    def _endJob(self) -> None:
+        self._timer.stop()
+        self._job = None
+        self._onJobFinished = None
+        self._updateButtons()
+
+    def _log(self, message: str) -> None:
+        self.ui.logTextEdit.appendPlainText(message)
+        logging.info(message)
+
+
+class DINOSegModuleLogic(ScriptedLoadableModuleLogic):
+    """Slicer's logic object (parameter node) around the Qt-free ``DINOSegLib.DINOSegLogic``."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.lib = DINOSegLogic(slicer.mrmlScene)
+
+    def getParameterNode(self):
+        return DINOSegParameterNode(super().getParameterNode())
+
+
+class DINOSegTest(ScriptedLoadableModuleTest):
+    """Runs in Slicer (Reload and Test): the bundled sample case segmented with the bundled demo model."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_segment_sample_case()
+
+    def test_segment_sample_case(self):
+        lib = DINOSegLogic(slicer.mrmlScene)
+        models = lib.available_models()
+        if not models or not (pathlib.Path(SAMPLE_DATA_DIR) / "ct.nii.gz").is_file():
+            self.delayDisplay("No bundled model or sample case: nothing to test")
+            return
+        ct, pet = lib.load_pet_ct(pathlib.Path(SAMPLE_DATA_DIR) / "ct.nii.gz", pathlib.Path(SAMPLE_DATA_DIR) / "pet.nii.gz")
+        info = read_model_info(models[0])
+        result = lib.segment(ct, models[0], pet=pet if info.needs_pet or pet else None, device="auto", timeout=1800)
+        segmentation = result.segmentation.GetSegmentation()
+        self.assertEqual(segmentation.GetNumberOfSegments(), len(info.labels))
+        self.assertEqual(result.segmentation.GetNodeReference(result.segmentation.GetReferenceImageGeometryReferenceRole()), ct)
+        self.delayDisplay("Test passed")

@@ -40,7 +40,7 @@ def aggregation_layers(backbone: nn.Module, layers: Sequence[int] | None) -> tup
         return default_layers(depth)
     if not layers or any(not -depth <= int(i) < depth for i in layers):
         raise DinomedError(f"aggregation layers {list(layers)} out of range for a backbone of depth {depth}")
-    return tuple(int(i) % depth for i in layers)
+    return tuple(sorted({int(i) % depth for i in layers}))
 
 
 def embed_tokens(backbone: nn.Module, patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

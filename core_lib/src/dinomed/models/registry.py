@@ -58,7 +58,7 @@ def register_model(name: str, *, defaults: dict, spatial_dims: int, summary: str
     return wrap
 
 
-MODEL_MODULES = ("meddinov3", "slicewise3d", "dinomed3d")
+MODEL_MODULES = ("meddinov3", "slicewise3d", "dinomed3d", "dual_petct")
 
 
 def _ensure_registered() -> None:

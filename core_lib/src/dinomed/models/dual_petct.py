@@ -1,0 +1,144 @@
+"""Dual-DINOv3 PET/CT: two separately pretrained DINOv3 encoders fused by multiscale cross-attention (2D).
+
+Dual-DINOv3 (PET/CT, MIDL 2026), the dual-stream segmentation model: a PET encoder and a CT encoder with
+separate weights, each initialised from its own backbone checkpoint (pretrained separately, so no paired PET/CT
+data is needed for pretraining), are fused during finetuning by cross-attention at the four token-aggregation
+depths (four evenly spaced blocks, e.g. 2, 5, 8, 11 of 12): PET tokens attend to CT tokens and CT tokens to
+PET tokens, each added back as a gated residual whose gate starts at zero, so that at initialisation both
+streams are exactly their pretrained encoders (:class:`CrossModalFusion`). After each fusion point the
+normalised patch tokens of both streams are kept; the eight maps are concatenated and decoded to full
+resolution by the light progressive-upsampling decoder also used by MedDINOv3.
+
+The single-stream models of the paper's comparison are the ``variant`` key (same input, same decoder):
+``dual`` (default), ``pet_only`` (one encoder on channel 1), ``ct_only`` (one encoder on channel 0) and
+``early_fusion`` (one encoder whose patch embedding takes both channels).
+
+Input ``(B, 2, H, W)``: CT in channel 0, PET in channel 1 (docs/CONTRACTS.md, model.json ``inputs``), any H, W;
+output logits ``(B, num_classes, H, W)``. Checkpoint keys: ``pet_backbone_checkpoint`` and
+``ct_backbone_checkpoint`` (dual and single-stream variants; ``backbone_checkpoint`` is the fallback for a
+single stream and the checkpoint of ``early_fusion``); none is needed to load a model folder.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import DinomedError
+from .common import (ProgressiveUpsamplingDecoder, aggregation_layers, check_input, embed_tokens, freeze,
+                     make_backbone, pad_to_patch, tokens_to_grid, vit_features)
+from .registry import register_model
+
+VARIANTS = ("dual", "pet_only", "ct_only", "early_fusion")
+CT_CHANNEL, PET_CHANNEL = 0, 1
+DEFAULTS = {
+    "backbone": "vit_base",
+    "in_chans": 2,
+    "num_classes": None,
+    "variant": "dual",
+    "layers": None,
+    "fusion_heads": None,  # null: the backbone's number of heads
+    "decoder_channels": [256, 128, 64, 32],
+    "drop_path_rate": 0.0,
+    "freeze_backbone": False,
+}
+
+
+class CrossModalFusion(nn.Module):
+    """Bidirectional cross-attention between PET and CT token sequences with zero-initialised gated residuals.
+
+    ``pet' = pet + g_pet ⊙ Attn(LN(pet), LN(ct))`` and ``ct' = ct + g_ct ⊙ Attn(LN(ct), LN(pet))``; ``g`` are
+    per-channel gates initialised to zero, so the fusion starts as the identity.
+    """
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm_pet = nn.LayerNorm(dim)
+        self.norm_ct = nn.LayerNorm(dim)
+        self.pet_from_ct = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ct_from_pet = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.gate_pet = nn.Parameter(torch.zeros(dim))
+        self.gate_ct = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, pet: torch.Tensor, ct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p, c = self.norm_pet(pet), self.norm_ct(ct)
+        pet_msg = self.pet_from_ct(p, c, c, need_weights=False)[0]
+        ct_msg = self.ct_from_pet(c, p, p, need_weights=False)[0]
+        return pet + self.gate_pet * pet_msg, ct + self.gate_ct * ct_msg
+
+
+class DualDINOv3PETCT(nn.Module):
+    spatial_dims = 2
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        if cfg["in_chans"] != 2:
+            raise DinomedError(f"dual_petct: the input is CT (channel 0) and PET (channel 1), so in_chans must be 2, "
+                               f"found {cfg['in_chans']}")
+        self.variant = cfg["variant"]
+        if self.variant not in VARIANTS:
+            raise DinomedError(f"dual_petct: variant must be one of {', '.join(VARIANTS)}, found {self.variant!r}")
+        self.in_chans = 2
+        arch, dpr = cfg["backbone"], cfg["drop_path_rate"]
+        fallback = cfg.get("backbone_checkpoint")
+        if self.variant == "dual":
+            self.pet_encoder = make_backbone(arch, 1, cfg.get("pet_backbone_checkpoint"), dpr)
+            self.ct_encoder = make_backbone(arch, 1, cfg.get("ct_backbone_checkpoint"), dpr)
+            self.layers = aggregation_layers(self.pet_encoder, cfg["layers"])
+            dim = self.pet_encoder.embed_dim
+            heads = int(cfg["fusion_heads"] or self.pet_encoder.blocks[0].attn.num_heads)
+            self.fusions = nn.ModuleList(CrossModalFusion(dim, heads) for _ in self.layers)
+            feat_channels = 2 * dim * len(self.layers)
+            encoders = [self.pet_encoder, self.ct_encoder]
+        else:
+            if self.variant == "early_fusion":
+                chans, ckpt = 2, fallback
+            elif self.variant == "pet_only":
+                chans, ckpt = 1, cfg.get("pet_backbone_checkpoint") or fallback
+            else:
+                chans, ckpt = 1, cfg.get("ct_backbone_checkpoint") or fallback
+            self.encoder = make_backbone(arch, chans, ckpt, dpr)
+            self.layers = aggregation_layers(self.encoder, cfg["layers"])
+            feat_channels = self.encoder.embed_dim * len(self.layers)
+            encoders = [self.encoder]
+        self.decoder = ProgressiveUpsamplingDecoder(feat_channels, cfg["num_classes"], cfg["decoder_channels"])
+        if cfg["freeze_backbone"]:
+            for enc in encoders:
+                freeze(enc)
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Token maps ``(B, E, H/16, W/16)`` at the aggregation depths (dual: PET then CT at each depth)."""
+        x, _ = pad_to_patch(x)
+        if self.variant == "early_fusion":
+            return vit_features(self.encoder, x, self.layers)
+        if self.variant == "pet_only":
+            return vit_features(self.encoder, x[:, PET_CHANNEL:PET_CHANNEL + 1], self.layers)
+        if self.variant == "ct_only":
+            return vit_features(self.encoder, x[:, CT_CHANNEL:CT_CHANNEL + 1], self.layers)
+        pet_bb, ct_bb = self.pet_encoder, self.ct_encoder
+        tp = pet_bb.patch_embed(x[:, PET_CHANNEL:PET_CHANNEL + 1])
+        tc = ct_bb.patch_embed(x[:, CT_CHANNEL:CT_CHANNEL + 1])
+        hw = tp.shape[1:3]
+        xp, rope_p = embed_tokens(pet_bb, tp)
+        xc, rope_c = embed_tokens(ct_bb, tc)
+        feats = []
+        fusion = iter(self.fusions)
+        for i in range(max(self.layers) + 1):
+            xp = pet_bb.blocks[i](xp, rope=rope_p)
+            xc = ct_bb.blocks[i](xc, rope=rope_c)
+            if i in self.layers:
+                xp, xc = next(fusion)(xp, xc)  # the fused tokens go on through the following blocks
+                feats += [tokens_to_grid(pet_bb, xp, hw), tokens_to_grid(ct_bb, xc, hw)]
+        return feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, 4, self.in_chans, f"dual_petct ({self.variant}; channel 0 CT, channel 1 PET)")
+        h, w = x.shape[-2:]
+        logits = self.decoder(torch.cat(self.forward_features(x), dim=1))
+        return logits[..., :h, :w]
+
+
+@register_model("dual_petct", defaults=DEFAULTS, spatial_dims=2,
+                summary="Dual-DINOv3 PET/CT: PET and CT encoders fused by multiscale cross-attention; "
+                        "variants pet_only, ct_only, early_fusion")
+def build_dual_petct(cfg: dict, load_checkpoints: bool = True) -> nn.Module:
+    return DualDINOv3PETCT(cfg)

@@ -289,6 +289,35 @@ def test_encoder_from_model_finds_the_backbone_of_a_model_folder(tmp_path, phant
         encoder_from_model(torch.nn.Linear(2, 2))
 
 
+def test_dual_stream_and_single_variant_models_give_their_encoders(tmp_path, phantom):
+    from dinomed.models import build_model, model_json_template, save_model_folder
+
+    inputs = {"CT": phantom.ct, "PET": phantom.pet}
+    dual = build_model({"name": "dual_petct", "backbone": "vit_tiny", "in_chans": 2, "num_classes": 3})
+    assert encoder_from_model(dual, "PET") is dual.pet_encoder and encoder_from_model(dual, "ct") is dual.ct_encoder
+    with pytest.raises(DinomedError, match="dual-stream"):
+        encoder_from_model(dual)
+    save_model_folder(dual, model_json_template(dual, name="dual"), tmp_path / "dual")
+    both = FeatureExtractor.from_model_folder(tmp_path / "dual")
+    assert [s.name for s in both.streams] == ["CT", "PET"]
+    assert compute_features(inputs, both, device="cpu").channels == 128
+    pet_only = FeatureExtractor.from_model_folder(tmp_path / "dual", "PET")
+    assert [s.name for s in pet_only.streams] == ["PET"] and pet_only.streams[0].encoder is not both.streams[0].encoder
+    pet_feats = compute_features(inputs, pet_only, device="cpu")
+    assert pet_feats.channels == 64 and pet_feats.image_geometry == geometry_of(phantom.ct)  # on the CT grid
+
+    variant = build_model({"name": "dual_petct", "backbone": "vit_tiny", "in_chans": 2, "num_classes": 3, "variant": "pet_only"})
+    save_model_folder(variant, model_json_template(variant, name="pet-only"), tmp_path / "pet_only")
+    extractor = FeatureExtractor.from_model_folder(tmp_path / "pet_only")
+    assert extractor.modalities == ["PET"]
+    with pytest.raises(DinomedError, match="reads PET, not CT"):
+        FeatureExtractor.from_model_folder(tmp_path / "pet_only", "CT")
+
+    med3d = build_model({"name": "dinomed3d", "backbone": "vit_tiny", "in_chans": 1, "num_classes": 3, "stage": 1})
+    with pytest.raises(DinomedError, match="not supported"):
+        encoder_from_model(med3d)
+
+
 # ---- the command -----------------------------------------------------------------------------------------
 def test_cli_writes_the_maps_with_the_image_geometry_and_the_figures(tmp_path, phantom, capsys):
     ct_path, pet_path = tmp_path / "ct.nii.gz", tmp_path / "pet.nii.gz"

@@ -34,6 +34,12 @@ def _find_vit(module, where: str):
     """The first timm DINOv3 ViT inside ``module`` (itself, or a wrapped one, e.g. under LoRA)."""
     for candidate in module.modules():
         if hasattr(candidate, "forward_intermediates") and hasattr(candidate, "patch_embed") and hasattr(candidate, "blocks"):
+            if not hasattr(candidate.patch_embed, "proj"):
+                # DINO-Med3D replaces the 2D patch embedding by its inter-slice context embedding (ICE)
+                raise DinomedError(
+                    f"{where}: the encoder has no 2D patch embedding (it embeds several slices at once, e.g. "
+                    "DINO-Med3D's inter-slice context embedding); feature maps of this encoder are not supported"
+                )
             return candidate
     raise DinomedError(f"{where} holds no DINOv3 ViT (a module with patch_embed, blocks and forward_intermediates)")
 
@@ -124,8 +130,11 @@ class FeatureExtractor:
     def from_model_folder(cls, folder: str | Path, stream: str | None = None) -> "FeatureExtractor":
         """The encoder(s) of a model folder with the model's own inputs and normalisation (``model.json``).
 
-        ``stream``: for a dual-stream PET/CT model "CT", "PET" or "both" (default both); a single-encoder model
-        reads all its inputs (``stream`` must then be None, "both", or the model's only modality).
+        ``stream``: for a dual-stream PET/CT model "CT", "PET" or "both" (default both). Each encoder is run on
+        its own modality, so the features are those of the encoders without the cross-modal fusion between
+        them. A single-encoder model reads all its inputs (``stream`` must then be None, "both", or the model's
+        only modality); a one-channel encoder in a two-input model (Dual-DINOv3 ``pet_only``/``ct_only``) reads
+        the modality its variant names.
         """
         from ..models import load_model_folder
 
@@ -148,15 +157,26 @@ class FeatureExtractor:
                 streams.append(FeatureStream(modality, encoder_from_model(model, modality), [by_modality[modality]]))
             return cls(streams, source)
         vit = encoder_from_model(model)
-        if choice not in ("BOTH", *inputs) or (choice != "BOTH" and len(inputs) > 1):
-            raise DinomedError(f"{where}: the model has a single encoder reading {inputs}; stream {stream!r} cannot be chosen")
         in_chans = vit.patch_embed.proj.in_channels
-        if in_chans != len(inputs):
-            raise DinomedError(
-                f"{where}: the encoder reads {in_chans} input channels but the model has {len(inputs)} inputs {inputs}; "
-                "feature maps of this model's encoder are not supported"
-            )
-        return cls([FeatureStream("+".join(inputs), vit, [dict(s) for s in specs])], source)
+        if in_chans == len(inputs):
+            if choice not in ("BOTH", *inputs) or (choice != "BOTH" and len(inputs) > 1):
+                raise DinomedError(f"{where}: the model has a single encoder reading {inputs} together; "
+                                   f"stream {stream!r} cannot be chosen")
+            return cls([FeatureStream("+".join(inputs), vit, [dict(s) for s in specs])], source)
+        if in_chans == 1:
+            # a one-channel encoder inside a multi-input model (Dual-DINOv3's pet_only / ct_only variants)
+            variant = str(getattr(model, "variant", ""))
+            modality = {"pet_only": "PET", "ct_only": "CT"}.get(variant, choice if choice != "BOTH" else None)
+            if modality is None or modality not in by_modality:
+                raise DinomedError(f"{where}: the model's encoder reads one of its inputs {inputs}; "
+                                   f"choose which with stream CT or PET (found {stream!r})")
+            if choice not in ("BOTH", modality):
+                raise DinomedError(f"{where}: the model's encoder reads {modality}, not {choice}")
+            return cls([FeatureStream(modality, vit, [by_modality[modality]])], source)
+        raise DinomedError(
+            f"{where}: the encoder reads {in_chans} input channels but the model has {len(inputs)} inputs {inputs}; "
+            "feature maps of this model's encoder are not supported"
+        )
 
     # ---- identity ------------------------------------------------------------------------------------
     def weights_hash(self) -> str:

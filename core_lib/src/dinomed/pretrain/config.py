@@ -15,6 +15,9 @@ import yaml
 
 from ..errors import DinomedError
 
+SCHEDULE_KEYS = {"start", "peak", "end", "warmup_epochs", "cosine_epochs", "freeze_last_layer_epochs"}
+
+
 def config_dir() -> Path:
     """The bundled configs (``dinomed/configs/pretrain``, shipped as package data)."""
     return Path(__file__).resolve().parent.parent / "configs" / "pretrain"
@@ -40,7 +43,13 @@ def _merge(base: dict, update: dict, where: str, source: str) -> dict:
     for key, value in update.items():
         if key not in base:
             raise DinomedError(f"{source}: unknown config key {where}{key}; known keys here: {', '.join(sorted(base))}")
-        if isinstance(base[key], dict) and isinstance(value, dict):
+        if isinstance(base[key], dict) and isinstance(value, dict) and "start" in base[key]:
+            extra = set(value) - SCHEDULE_KEYS  # a schedule may gain optional keys (cosine_epochs)
+            if extra:
+                raise DinomedError(f"{source}: unknown schedule key(s) {where}{key}.{sorted(extra)[0]}; "
+                                   f"expected {', '.join(sorted(SCHEDULE_KEYS))}")
+            base[key] = dict(base[key], **value)
+        elif isinstance(base[key], dict) and isinstance(value, dict):
             _merge(base[key], value, f"{where}{key}.", source)
         else:
             base[key] = value

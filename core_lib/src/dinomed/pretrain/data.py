@@ -4,8 +4,8 @@ A folder (searched recursively) holds NIfTI/NRRD/MetaImage files and/or DICOM se
 lazily with :func:`dinomed.io.read_image` (a few kept in memory), normalised with the shared
 :func:`dinomed.preprocess.normalize_channel` (CT: HU clipped to [-1000, 1000] -> [-1, 1]; PET: SUV clipped to
 [0, 20], ``log1p`` -> [-1, 1]) and cut into axial slices. Slices are sampled with a bias to the body: a
-slice's weight is the fraction of its pixels above a body threshold (CT -500 HU, PET 0.1 SUV) plus a small
-floor, and the slice is cropped to the bounding box of its body mask before the multi-crop augmentation.
+slice's weight is the fraction of its pixels above a body threshold (CT -500 HU, PET 0.1 SUV), relative to
+the volume's fullest slice, plus a small floor, and the slice is cropped to the bounding box of its body mask before the multi-crop augmentation.
 
 Sample ``g`` of the run is a pure function of ``(seed, g)``: the sampler position is the iteration, so a
 resumed or a distributed run sees exactly the samples of an uninterrupted single-process run. A file that
@@ -103,8 +103,6 @@ def scan_volume_folder(folder: str | os.PathLike, modality: str = "CT") -> Volum
     dicom_dirs: set[Path] = set()
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         if _suffix(path.name, VOLUME_SUFFIXES):
-            if path.name.lower().endswith((".raw", ".zraw")):
-                continue
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
             try:
@@ -193,7 +191,8 @@ class SliceSource:
         raw = np.nan_to_num(raw, nan=float(self.spec["clip"][0]))
         body = raw > self.body_threshold
         fraction = body.reshape(body.shape[0], -1).mean(axis=1)
-        weights = fraction + self.empty_slice_weight
+        # relative to the slice with the most body, so that empty_slice_weight means the same in every volume
+        weights = fraction / max(float(fraction.max()), 1e-6) + self.empty_slice_weight
         loaded = LoadedVolume(normalize_channel(raw, self.spec), body, weights / weights.sum())
         self._cache[index] = loaded
         while len(self._cache) > self.cache_volumes:

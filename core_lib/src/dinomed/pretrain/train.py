@@ -308,9 +308,10 @@ def _pretrain(cfg, data_dir, run_dir, events, resume, stop_after, env: DistEnv) 
                 events.log(f"skipped unreadable file: {message}")
         tensors = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         for group in optimizer.param_groups:
-            group["weight_decay"] = schedules.weight_decay[it] * group["wd_multiplier"]
+            # plain floats: the optimizer state is saved in a weights_only checkpoint (no numpy scalars)
+            group["weight_decay"] = float(schedules.weight_decay[it]) * group["wd_multiplier"]
             base = schedules.last_layer_lr[it] if group["is_last_layer"] else schedules.lr[it]
-            group["lr"] = base * group["lr_multiplier"]
+            group["lr"] = float(base) * group["lr_multiplier"]
         optimizer.zero_grad(set_to_none=True)
         loss, metrics = meta.forward_backward(tensors, float(schedules.teacher_temp[it]),
                                               float(schedules.local_weight[it]), float(schedules.gram_weight[it]))

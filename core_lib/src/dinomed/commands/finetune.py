@@ -32,6 +32,8 @@ def run(args) -> int:
     events = EventWriter(enabled=args.events)
     cfg = load_config(args.config, args.overrides)
     result = finetune(cfg, args.data, args.out, resume=args.resume, events=events, command=command_line())
+    if not result.main_process:
+        return 0
     if result.stopped:
         events.done(step=result.step, stopped=True, best_step=result.best_step, best_dice=result.best_dice)
         return 0

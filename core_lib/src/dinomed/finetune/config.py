@@ -57,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
     },
     # batch_dice: Dice over the whole (per-process) batch as nnU-Net does, steadier for small classes; per-sample
     # Dice (false) makes a DDP run exactly equal to a single-process run with the same global batch
-    "loss": {"lambda_dice": 1.0, "lambda_ce": 1.0, "batch_dice": False},
+    "loss": {"lambda_dice": 1.0, "lambda_ce": 1.0, "batch_dice": True},
     "optim": {
         "lr": 1e-4,  # new layers (decoder, fusion, adapters)
         "backbone_lr_scale": 0.1,  # pretrained encoder parameters get lr * this
@@ -79,6 +79,7 @@ DEFAULTS: dict[str, Any] = {
         "save_every": None,  # state.pt every N steps (default: val_every); always at the end and on a stop
         "stop_after": None,  # stop cleanly (state saved) after this step, e.g. to fit a job time limit
         "num_workers": 0,
+        "find_unused_parameters": False,  # DDP: true for models with parameters a forward pass may skip
     },
     # model.json "inference" entries (batch_size, roi_size, overlap, min_component_ml); defaults per model kind
     "inference": {},

@@ -46,7 +46,7 @@ class LabelMapping:
 
     @property
     def num_classes(self) -> int:
-        return len(self.entries) + 1
+        return max(e["value"] for e in self.entries) + 1
 
     @property
     def names(self) -> list[str]:
@@ -136,8 +136,10 @@ def _dataset_label_values(data: dict, path: Path) -> dict[int, str]:
     return out
 
 
-def label_mapping(data: dict, labels: list[str] | None, background_labels: list[str], path: Path) -> LabelMapping:
-    """The model's classes from the config's ``labels`` (dataset label names, in model order; None = all)."""
+def label_mapping(data: dict, labels: list[str] | None, background_labels: list[str], path: Path,
+                  model_values: list[int] | None = None) -> LabelMapping:
+    """The model's classes from the config's ``labels`` (dataset label names, in model order; None = all), valued
+    1..K, or ``model_values`` (an existing model's label values, same order as ``labels``)."""
     values = _dataset_label_values(data, path)
     by_name = {n: v for v, n in values.items()}
     if labels is None:
@@ -159,7 +161,8 @@ def label_mapping(data: dict, labels: list[str] | None, background_labels: list[
     lut[0] = 0
     for name in background_labels:
         lut[by_name[name]] = 0
-    for model_value, name in enumerate(labels, start=1):
+    values_out = model_values if model_values is not None else range(1, len(labels) + 1)
+    for model_value, name in zip(values_out, labels):
         lut[by_name[name]] = model_value
         entry = dict(extra.get(name) or known.get(name) or {})
         entry.update(value=model_value, name=name)
@@ -180,7 +183,7 @@ def _fallback_colour(value: int) -> list[int]:
 
 
 def open_dataset(root: str | Path, inputs: list[str], labels: list[str] | None = None,
-                 background_labels: list[str] | None = None) -> DatasetSpec:
+                 background_labels: list[str] | None = None, model_values: list[int] | None = None) -> DatasetSpec:
     """List and check a dataset folder's cases (files present, channels named in dataset.json); no image is read."""
     root = Path(root)
     data = read_dataset_json(root)
@@ -199,7 +202,7 @@ def open_dataset(root: str | Path, inputs: list[str], labels: list[str] | None =
                 f"(channel_names: {', '.join(f'{k}={v}' for k, v in channels.items())})"
             )
         channel_index.append(by_modality[modality.upper()])
-    mapping = label_mapping(data, labels, list(background_labels or []), path)
+    mapping = label_mapping(data, labels, list(background_labels or []), path, model_values)
     ending = str(data.get("file_ending", ".nii.gz"))
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     if not labels_dir.is_dir():

@@ -54,6 +54,7 @@ class FinetuneResult:
     history: list = field(default_factory=list)
     train_cases: list = field(default_factory=list)
     val_cases: list = field(default_factory=list)
+    main_process: bool = True  # False on DDP ranks other than 0 (they do not report)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -393,7 +394,8 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
         train_model: nn.Module = model
         if dist_info.world_size > 1:
             train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=bool(train_cfg["find_unused_parameters"]))
 
         sampler = PatchSampler(train_names, load, data_cfg["patch_size"], spec.labels.num_classes, data_cfg,
                                cfg["augment"], seed)
@@ -507,7 +509,8 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
                     events.log(f"stopped at step {step}; continue with --resume")
                     break
         return FinetuneResult(out_dir=out_dir, step=step, best_step=best_step, best_dice=best_dice, stopped=stopped,
-                              history=history, train_cases=train_names, val_cases=val_names)
+                              history=history, train_cases=train_names, val_cases=val_names,
+                              main_process=dist_info.main)
     finally:
         if dist_info.initialised_here:
             import torch.distributed as dist

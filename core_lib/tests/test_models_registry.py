@@ -16,7 +16,7 @@ TINY_2D = {"name": "meddinov3", "backbone": "vit_tiny", "in_chans": 2, "num_clas
 
 def test_registry_lists_every_seed_model():
     names = set(available_models())
-    assert {"meddinov3"} <= names
+    assert names == {"meddinov3", "slicewise3d", "linear_probe", "dinomed3d", "dual_petct"}
     for entry in available_models().values():
         assert entry.inference_mode == ("slicewise2d" if entry.spatial_dims == 2 else "sliding3d")
 

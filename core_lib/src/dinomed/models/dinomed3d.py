@@ -64,7 +64,7 @@ DEFAULTS = {
     "lora_dropout": 0.0,
     "lora_targets": ["qkv", "proj", "fc1", "fc2"],
     "adapter_channels": [256, 256, 256, 256],
-    "decoder_channels": 256,
+    "decoder_channels": 224,  # UperNet width; with the other defaults the totals land near the paper's 47M / 112M / 334M
     "ppm_bins": [1, 2, 3, 6],
     "detail_channels": [32, 64, 128],
     "proxy_hidden": 256,
@@ -147,7 +147,7 @@ class VolumetricAdapter(nn.Module):
                           nn.ConvTranspose3d(c0, c0, **up), ConvNormAct3d(c0, c0, 3)),
             nn.Sequential(nn.ConvTranspose3d(embed_dim, c1, **up), ConvNormAct3d(c1, c1, 3)),
             nn.Sequential(ConvNormAct3d(embed_dim, c2, 1), ConvNormAct3d(c2, c2, 3)),
-            nn.Sequential(ConvNormAct3d(embed_dim, c3, 3, stride=2), ConvNormAct3d(c3, c3, 3)),
+            nn.Sequential(ConvNormAct3d(embed_dim, c3, 1), ConvNormAct3d(c3, c3, 3, stride=2)),
         ])
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:

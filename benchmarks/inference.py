@@ -110,7 +110,16 @@ def build_dynunet():
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
+    """Peak resident memory of this process image. Linux: VmHWM of /proc/self/status (``ru_maxrss`` would carry
+    over the parent's peak through fork + exec); elsewhere ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    scale = 1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0  # macOS: bytes; Linux: kilobytes
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def _child_vit(queue, model_dir, ct, pet, device, threads):
@@ -134,7 +143,7 @@ def _child_vit(queue, model_dir, ct, pet, device, threads):
     # steady state: from the end of the first batch to the end of the last (excludes the first batch's warm-up)
     (t0, d0), (t1, d1) = marks[0], marks[-1]
     steady = (d1 - d0) / (t1 - t0) if d1 > d0 else d1 / wall
-    cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if result.device.startswith("cuda") else None
     queue.put({"wall_s": wall, "slices": d1, "steady_slices_per_s": steady, "peak_rss_mb": _peak_rss_mb(),
                "cuda_peak_mb": cuda_peak, "precision": result.precision, "device": result.device})
 
@@ -172,7 +181,7 @@ def _child_unet(queue, ct, pet, device, threads, crop, overlap, sw_batch):
     out = sitk.GetImageFromArray(labels.astype(np.uint8))
     out.CopyInformation(ct_img)
     wall = time.perf_counter() - t
-    cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
     queue.put({"wall_s": wall, "model_s": model_s, "slices": int(channels.shape[1]), "shape": list(channels.shape[1:]),
                "windows": count_windows(channels.shape[1:], NNUNET_PATCH, overlap), "peak_rss_mb": _peak_rss_mb(),
                "cuda_peak_mb": cuda_peak, "precision": "fp32" if dtype is None else str(dtype).replace("torch.", "")})
@@ -299,7 +308,7 @@ def main(argv=None) -> int:
     rows.append({
         "model": f"MedDINOv3 {args.arch} (2D, batch {args.batch_size})", "device": f"{runs[0]['device']} {runs[0]['precision']}",
         "ran": f"{n_slices} of {depth} slices" + (", extrapolated" if scale > 1 else ""),
-        "wall_s": wall, "slices_per_s": sps, "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "wall_s": wall, "model_s": depth / sps, "slices_per_s": sps, "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
         "cuda_peak_mb": runs[0]["cuda_peak_mb"], "gflop_per_slice": vit_flops / 1e9,
         "gflops": vit_flops * sps / 1e9, "fraction": vit_flops * sps / 1e9 / peak,
     })
@@ -325,6 +334,7 @@ def main(argv=None) -> int:
             "ran": (f"crop {'x'.join(map(str, uruns[0]['shape']))}: {windows} of {full_windows} windows, extrapolated"
                     if wscale > 1 else f"{windows} windows"),
             "wall_s": (wall_run - model_s) * (depth * height * width) / math.prod(uruns[0]["shape"]) + model_s * wscale,
+            "model_s": model_s * wscale,
             "slices_per_s": depth / (model_s * wscale), "peak_rss_mb": max(r["peak_rss_mb"] for r in uruns),
             "cuda_peak_mb": uruns[0]["cuda_peak_mb"], "gflop_per_slice": unet_flops * full_windows / depth / 1e9,
             "gflops": unet_flops * window_rate / 1e9, "fraction": unet_flops * window_rate / 1e9 / peak,
@@ -334,12 +344,15 @@ def main(argv=None) -> int:
     print(f"\nCase: synthetic PET/CT, CT {width}x{height}x{depth} (x, y, z), PET on its own grid; "
           f"device {device}, {args.threads} CPU thread(s) ({cpu}), torch {torch.__version__}; "
           f"fp32 matmul {matmul_n}^3: {peak:.1f} GFLOP/s; median of {args.repeats} run(s).\n")
-    print("| model | device | ran | wall s / volume | slices / s | peak RSS (MB) | GPU peak (MB) | GFLOP / slice | achieved GFLOP/s | of matmul |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| model | device | ran | wall s / volume | model s / volume | slices / s | peak RSS (MB) | GPU peak (MB) | GFLOP / slice | achieved GFLOP/s | of fp32 matmul |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         gpu = f"{r['cuda_peak_mb']:.0f}" if r["cuda_peak_mb"] is not None else "-"
-        print(f"| {r['model']} | {r['device']} | {r['ran']} | {r['wall_s']:.1f} | {r['slices_per_s']:.2f} | "
+        print(f"| {r['model']} | {r['device']} | {r['ran']} | {r['wall_s']:.1f} | {r['model_s']:.1f} | {r['slices_per_s']:.2f} | "
               f"{r['peak_rss_mb']:.0f} | {gpu} | {r['gflop_per_slice']:.1f} | {r['gflops']:.1f} | {100 * r['fraction']:.0f}% |")
+    print("\nwall: the whole job (read, resample, normalise, model, post-process, lesion statistics and writing for the "
+          "ViT; read, resample, normalise, sliding windows, argmax for the U-Net); model: the network alone (ViT: "
+          "slices / steady-state rate after the first batch). Peak RSS: VmHWM of the child process that ran it.")
     if any("extrapolated" in r["ran"] for r in rows):
         print("\nExtrapolated rows: wall time scaled linearly from the subset to the whole volume (ViT: by slices; "
               "U-Net: model time by windows, the rest by voxels); peak RSS is that of the subset run.")

@@ -50,6 +50,7 @@ def test_linear_probe_trains_only_the_linear_head():
         trained = _trained(model, x)
         assert {n.rsplit(".", 2)[-2] for n in trained} == {"head"} and len(trained) == 2  # weight and bias of one 1×1 conv
         probe = model.probe if hasattr(model, "probe") else model
+        assert model.backbone is probe.encoder.backbone
         assert probe.encoder.layers == (3,)  # the last block of the depth-4 ViT
 
 

@@ -97,6 +97,10 @@ class LinearProbe(nn.Module):
         self.encoder = FrozenSliceEncoder(cfg, default_layers=[-1])
         self.head = nn.Conv2d(self.encoder.out_channels, cfg["num_classes"], 1)
 
+    @property
+    def backbone(self) -> nn.Module:
+        return self.encoder.backbone
+
     def forward_slices(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         xp, _ = pad_to_patch(x)
@@ -176,6 +180,11 @@ class SlicewiseFrozen3D(nn.Module):
             from ..errors import DinomedError
 
             raise DinomedError(f"slicewise3d: head must be 'decoder' or 'linear', found {self.head_kind!r}")
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The frozen DINOv3 ViT (for feature maps), whichever head the model has."""
+        return (self.probe.encoder if self.head_kind == "linear" else self.encoder).backbone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, 5, self.in_chans, "slicewise3d")

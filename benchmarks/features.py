@@ -62,10 +62,13 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=20, help="runs per cosine-map timing (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--cosine-only", action="store_true",
+                        help="skip the backbone: time the cache and the cosine maps on random float16 features")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     depth, height, width = args.size
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else (0.0,)
     n = min(args.slices_to_time, depth)
     rows: list[tuple[str, str, str]] = []
 
@@ -76,23 +79,31 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}",
           file=sys.stderr)
 
+    if args.cosine_only:
+        part = ct_like_volume((n, height, width))
+        embed = backbone.embed_dim
+        noise = np.random.default_rng(0).standard_normal((n, embed, -(-height // 16), -(-width // 16)), dtype=np.float32)
+        feats = FeatureVolume.from_array(noise, part)
+        rows.append(("features (skipped: --cosine-only, random float16 features)", "-", ""))
     # ---- feature computation ----
     warm = ct_like_volume((args.batch_size, height, width), seed=1)
-    compute_features(warm, extractor, batch_size=args.batch_size, device=args.device)  # warm-up (allocations, kernels)
-    part = ct_like_volume((n, height, width))
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    feats = compute_features(part, extractor, batch_size=args.batch_size, device=args.device)
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    per_slice = elapsed / n
-    label = f"features of {width}×{height}×{depth}, {args.arch}, batch {args.batch_size}"
-    if n < depth:
-        rows.append((label, f"{per_slice * depth:.1f} s", f"extrapolated: {n} slices took {elapsed:.2f} s ({per_slice:.3f} s/slice) × {depth}"))
-    else:
-        rows.append((label, f"{elapsed:.1f} s", f"{per_slice:.3f} s/slice, all {depth} slices run"))
+    if not args.cosine_only:
+        compute_features(warm, extractor, batch_size=args.batch_size, device=args.device)  # warm-up (allocations, kernels)
+        part = ct_like_volume((n, height, width))
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        feats = compute_features(part, extractor, batch_size=args.batch_size, device=args.device)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        per_slice = elapsed / n
+        label = f"features of {width}×{height}×{depth}, {args.arch}, batch {args.batch_size}"
+        if n < depth:
+            rows.append((label, f"{per_slice * depth:.1f} s",
+                         f"extrapolated: {n} slices took {elapsed:.2f} s ({per_slice:.3f} s/slice) × {depth}"))
+        else:
+            rows.append((label, f"{elapsed:.1f} s", f"{per_slice:.3f} s/slice, all {depth} slices run"))
 
     # ---- a full-size feature volume, through the cache ----
     reps = -(-depth // n)
@@ -132,6 +143,9 @@ def main(argv=None) -> int:
     median, _ = timed(lambda: pca_rgb(feats, image=part), 3)
     rows.append((f"PCA RGB with body mask ({n} slices), to the image grid", f"{median * 1000:.0f} ms", "median of 3"))
 
+    if hasattr(os, "getloadavg"):
+        print(f"load average before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
+              "(other processes share this machine)")
     name_w = max(len(r[0]) for r in rows)
     value_w = max(len(r[1]) for r in rows)
     print(f"{'measure'.ljust(name_w)}  {'time'.rjust(value_w)}  notes")

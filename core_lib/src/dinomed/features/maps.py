@@ -180,12 +180,19 @@ def pca_rgb(
         rgb = np.round(scaled.transpose(0, 2, 3, 1) * 255).astype(np.uint8)
         rgb[~fg] = 0
         return image_from_geometry(rgb, features.grid, is_vector=True)
-    rgb = upsample_to_image(scaled, features)  # (D, H, W, 3) float32 in [0, 1]
-    if voxels is None:
-        size = features.image_geometry["size"]
-        voxels = np.repeat(np.repeat(fg, features.patch_size, 1), features.patch_size, 2)[:, :size[1], :size[0]]
-    rgb = np.round(rgb * 255.0).astype(np.uint8)
-    rgb[~voxels] = 0
+    width, height, depth = features.image_geometry["size"]
+    rgb = np.empty((depth, height, width, 3), dtype=np.uint8)
+    step = 8  # upsample a few slices at a time: the float32 RGB of a whole volume would be 12 bytes a voxel
+    for start in range(0, depth, step):
+        stop = min(start + step, depth)
+        chunk = np.round(upsample_to_image(scaled[start:stop], features) * 255.0).astype(np.uint8)
+        if voxels is not None:
+            inside = voxels[start:stop]
+        else:
+            p = features.patch_size
+            inside = np.repeat(np.repeat(fg[start:stop], p, 1), p, 2)[:, :height, :width]
+        chunk[~inside] = 0
+        rgb[start:stop] = chunk
     return image_from_geometry(rgb, features.image_geometry, is_vector=True)
 
 

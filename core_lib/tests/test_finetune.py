@@ -298,3 +298,11 @@ def test_predict_volume_is_independent_of_batch_size(dataset):
     with pytest.raises(DinomedError, match="reads 2 channel"):
         predict_volume(model, mj, x[:1])
     assert not math.isnan(float(a.mean()))
+
+
+def test_time_budget_ends_the_run_like_its_last_step(dataset, tmp_path):
+    result = finetune(tiny(*QUICK, "train.max_steps=50", "train.val_every=50", "train.max_seconds=1e-6",
+                           "train.clock=process"), dataset, tmp_path / "m")
+    assert result.step == 1 and not result.stopped and result.best_step == 1
+    assert (tmp_path / "m" / "model.json").is_file()
+    assert [h["phase"] for h in result.history] == ["train", "val"]

@@ -78,6 +78,8 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 10,
         "save_every": None,  # state.pt every N steps (default: val_every); always at the end and on a stop
         "stop_after": None,  # stop cleanly (state saved) after this step, e.g. to fit a job time limit
+        "max_seconds": None,  # a training-time budget: finish (validate, save) once this much time has passed
+        "clock": "wall",  # the budget's clock: wall, or process (CPU seconds of this process: fair on a shared machine)
         "num_workers": 0,
         "find_unused_parameters": False,  # DDP: true for models with parameters a forward pass may skip
     },
@@ -214,6 +216,10 @@ def check_config(cfg: dict) -> None:
         positive_int(f"train.{key}", train[key])
     positive_int("train.save_every", train["save_every"], allow_none=True)
     positive_int("train.stop_after", train["stop_after"], allow_none=True)
+    if train["max_seconds"] is not None and (not isinstance(train["max_seconds"], (int, float)) or train["max_seconds"] <= 0):
+        raise DinomedError(f"config train.max_seconds: expected a positive number of seconds, found {train['max_seconds']!r}")
+    if train["clock"] not in ("wall", "process"):
+        raise DinomedError(f"config train.clock: expected wall or process, found {train['clock']!r}")
     if train["amp"] not in ("auto", "bf16", "fp16", "off", False, None):
         raise DinomedError(f"config train.amp: expected auto, bf16, fp16 or off, found {train['amp']!r}")
     patch = data["patch_size"]

@@ -41,7 +41,7 @@ STATE_DIR = "training"
 STATE_FILE = "state.pt"
 # keys that may change between a run and its resumption (they do not change what is computed)
 SESSION_KEYS = {("train", "stop_after"), ("train", "num_workers"), ("train", "device"), ("train", "log_every"),
-                ("train", "save_every")}
+                ("train", "save_every"), ("train", "max_seconds"), ("train", "clock")}
 
 
 @dataclass
@@ -465,6 +465,9 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
 
         stopped = False
         start_step = step
+        max_seconds = train_cfg["max_seconds"]
+        clock = time.process_time if train_cfg["clock"] == "process" else time.perf_counter
+        started = clock()
         train_model.train()
         with _StopRequest() as stop:
             for batch in _batches(loader, step, max_steps):
@@ -483,27 +486,33 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
                 scheduler.step()
                 step += 1
                 loss_value = loss.detach()
-                flags = torch.tensor([float(loss_value), float(stop.requested)], dtype=torch.float64)
+                out_of_time = max_seconds is not None and clock() - started >= float(max_seconds)
+                flags = torch.tensor([float(loss_value), float(stop.requested), float(out_of_time)], dtype=torch.float64)
                 if dist_info.world_size > 1:
                     import torch.distributed as dist
 
                     dist.all_reduce(flags)
                     flags[0] /= dist_info.world_size
+                last = step == max_steps or bool(flags[2] > 0)  # the time budget ends the run like its last step
                 if not math.isfinite(float(flags[0])):
                     raise DinomedError(f"the training loss became {float(flags[0])} at step {step}; lower optim.lr "
                                        "or check the data (state before this step is in the last checkpoint)")
-                if step % log_every == 0 or step == max_steps:
+                if step % log_every == 0 or last:
                     record = {"phase": "train", "step": step, "epoch": sampler.epoch_of((step - 1) * global_batch),
-                              "loss": float(flags[0]), "lr": optimizer.param_groups[-1]["lr"]}
+                              "loss": float(flags[0]), "lr": optimizer.param_groups[-1]["lr"],
+                              "elapsed": round(clock() - started, 3)}
                     history.append(record)
                     events.metric(**record)
                 events.progress(step, max_steps, "steps")
-                if step % val_every == 0 or step == max_steps:
+                if step % val_every == 0 or last:
                     run_validation()
-                stop_now = step < max_steps and (bool(flags[1] > 0) or (
+                stop_now = not last and (bool(flags[1] > 0) or (
                     stop_after is not None and start_step < int(stop_after) <= step))
-                if step % save_every == 0 or step == max_steps or stop_now:
+                if step % save_every == 0 or last or stop_now:
                     checkpoint()
+                if last and step < max_steps:
+                    events.log(f"time budget of {max_seconds} s reached at step {step}")
+                    break
                 if stop_now:
                     stopped = True
                     events.log(f"stopped at step {step}; continue with --resume")

@@ -6,7 +6,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 key=$(cat "$root/constraints.txt" "$root/core_lib/pyproject.toml" | sha256sum | cut -c1-12)
-venv=${DINOSEG_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/dinoseg/venv-$key}
+venv=${DINOSEG_VENV:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/dinoseg/venv-$key}
 py=${PYTHON:-python3}
 if [ ! -f "$venv/.complete" ]; then
     echo "[dinoseg] creating virtual environment $venv (first run only; torch is large)" >&2

@@ -101,30 +101,82 @@ def test_bad_input_through_the_cli(tmp_path, capsys):
     assert "no Gram teacher checkpoint" in capsys.readouterr().err
     assert main(["pretrain", "tiny_test", "gram.use_loss=true", "crops.gram_teacher_crops_size=128",
                  f"gram.ckpt={tmp_path / 'nothing'}", "--data", str(empty), "--out", str(tmp_path / "r")]) == 2
+    # key=value overrides are also read after --data/--out
+    assert main(["pretrain", "tiny_test", "--data", str(empty), "--out", str(tmp_path / "r"),
+                 "gram.use_loss=true", "crops.gram_teacher_crops_size=128"]) == 2
+    assert "no Gram teacher checkpoint" in capsys.readouterr().err
     assert main(["export-backbone", str(empty), "--out", str(tmp_path / "b.pth")]) == 2
     assert "teacher_checkpoint.pth" in capsys.readouterr().err
 
 
-def _knn_organ_accuracy(model, k: int = 10) -> float:
-    """Balanced accuracy of a k-NN probe of organ labels on 16x16 patch features (train and test phantoms differ)."""
-    def patches(seeds):
-        xs, ys = [], []
-        for seed in seeds:
-            p = make_phantom(seed, shape=(12, 96, 96))
-            ct = normalize_channel(sitk.GetArrayFromImage(p.ct), default_spec("CT"))
-            organs = torch.from_numpy(sitk.GetArrayFromImage(p.organs).astype(np.int64))
-            with torch.no_grad():
-                f = extract_features(model.eval(), torch.from_numpy(ct)[:, None], layers=[-1]).patches[0]
-            g = f.shape[-1]
-            label = organs.unfold(1, 16, 16).unfold(2, 16, 16).reshape(organs.shape[0], g, g, -1).mode(-1).values
-            xs.append(torch.nn.functional.normalize(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), dim=1))
-            ys.append(label.reshape(-1))
-        return torch.cat(xs), torch.cat(ys)
-    x_train, y_train = patches(range(100, 106))
-    x_test, y_test = patches(range(200, 203))
-    pred = y_train[(x_test @ x_train.T).topk(k, dim=1).indices].mode(dim=1).values
-    classes = [c for c in y_test.unique() if (y_test == c).sum() >= 5]
-    return float(np.mean([(pred[y_test == c] == c).float().mean() for c in classes]))
+PROBE_TRAIN, PROBE_TEST = range(100, 120), range(200, 210)  # different phantoms (anatomy, size, contrast)
+PROBE_SHAPE = (16, 128, 128)  # 8x8 patches of 16 pixels per slice
+
+
+@pytest.fixture(scope="module")
+def probe_phantoms() -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised CT slices ``(z, 1, 128, 128)`` and one label per 16x16 patch ``(z, 8, 8)`` (-1: not probed).
+
+    A patch is labelled with the organ (``organs`` map; 0 = other body tissue) covering most of it and is
+    probed only if that label covers at least half of it and at most half of it is air outside the organs
+    (outside the body, bowel gas): air is separable by any feature and would only inflate both scores.
+    """
+    out = {}
+    for seed in [*PROBE_TRAIN, *PROBE_TEST]:
+        p = make_phantom(seed, shape=PROBE_SHAPE)
+        hu = sitk.GetArrayFromImage(p.ct).astype(np.float32)
+        organs = torch.from_numpy(sitk.GetArrayFromImage(p.organs).astype(np.int64))
+        air = torch.from_numpy(hu < -500) & (organs == 0)
+
+        def blocks(a):
+            z, h, w = a.shape
+            return a.unfold(1, 16, 16).unfold(2, 16, 16).reshape(z, h // 16, w // 16, -1)
+
+        label = blocks(organs).mode(-1).values
+        major = (blocks(organs) == label[..., None]).float().mean(-1) >= 0.5
+        label[~major | (blocks(air).float().mean(-1) > 0.5)] = -1
+        ct = normalize_channel(hu, default_spec("CT"))
+        out[seed] = (torch.from_numpy(ct)[:, None], label)
+    return out
+
+
+def _knn_organ_accuracy(model, phantoms, k: int = 20, temperature: float = 0.07) -> dict[str, float]:
+    """Balanced accuracy of a k-NN probe of organ labels on the backbone's patch features.
+
+    Train patches from phantoms ``PROBE_TRAIN``, test patches from the other phantoms ``PROBE_TEST``; classes
+    with at least 10 train and 5 test patches. The classifier is DINO's weighted k-NN (Caron et al. 2021,
+    sec. 4.1: 20 neighbours by cosine similarity, votes ``exp(sim / 0.07)``) with each class's votes divided
+    by its number of train patches, so that the score is not the prior of the dominant "other tissue" class.
+    Two feature sets, both L2-normalised: ``last`` the last block's normed patch tokens, ``concat`` the
+    concatenation of the 4 blocks' normed patch tokens (each normalised), as the segmentation models use.
+    """
+    depth = len(model.blocks)
+    feats: dict[str, list] = {"last": [], "concat": []}
+    labels = []
+    for seed in [*PROBE_TRAIN, *PROBE_TEST]:
+        ct, label = phantoms[seed]
+        with torch.no_grad():
+            blocks = extract_features(model.eval(), ct, layers=list(range(depth))).patches
+        keep = label >= 0
+        tokens = [torch.nn.functional.normalize(b, dim=1).permute(0, 2, 3, 1)[keep] for b in blocks]
+        feats["last"].append(tokens[-1])
+        feats["concat"].append(torch.nn.functional.normalize(torch.cat(tokens, dim=1), dim=1))
+        labels.append((seed in PROBE_TEST, label[keep]))
+    is_test = torch.cat([torch.full((len(y),), t) for t, y in labels])
+    y = torch.cat([y for _, y in labels])
+    classes = torch.tensor([int(c) for c in y.unique()
+                            if (y[~is_test] == c).sum() >= 10 and (y[is_test] == c).sum() >= 5])
+    result = {}
+    for name, parts in feats.items():
+        x = torch.cat(parts)
+        x_train, y_train = x[~is_test & torch.isin(y, classes)], y[~is_test & torch.isin(y, classes)]
+        x_test, y_test = x[is_test & torch.isin(y, classes)], y[is_test & torch.isin(y, classes)]
+        votes = (y_train[:, None] == classes[None]).float()
+        votes /= votes.sum(0, keepdim=True)
+        sim, nearest = (x_test @ x_train.T).topk(k, dim=1)
+        pred = classes[(torch.exp(sim / temperature)[..., None] * votes[nearest]).sum(1).argmax(1)]
+        result[name] = float(np.mean([(pred[y_test == c] == c).float().mean() for c in classes]))
+    return result
 
 
 # floors for the teacher: CLS spread (1 = features spread over the sphere, 0 = one point) and the entropy of
@@ -155,14 +207,33 @@ def test_tiny_run_learns_without_collapse(tiny_run):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=False, reason=(
-    "not reached yet: in 200 tiny CPU steps only KoLeo learns (the DINO and iBOT losses stay at log K, "
-    "uniform Sinkhorn-Knopp targets) and the probe measured 0.33 (pretrained) vs 0.50 (random init)"))
-def test_knn_organ_probe_beats_random_init(tiny_run):
-    torch.manual_seed(0)
-    random_init = _knn_organ_accuracy(create_backbone("vit_tiny", in_chans=1, img_size=64))
-    pretrained = _knn_organ_accuracy(load_backbone(tiny_run / "backbone.pth"))
-    print(f"k-NN organ probe: random {random_init:.3f}, pretrained {pretrained:.3f}")
-    assert pretrained > random_init
+    "not reached: after 200 tiny CPU steps the DINO and iBOT losses stay at log K (uniform Sinkhorn-Knopp "
+    "targets), only KoLeo learns; probe (last block) 0.57 pretrained vs 0.60 random init (mean of 3 seeds)"))
+def test_knn_organ_probe_beats_random_init(tiny_run, probe_phantoms):
+    """The exported teacher must beat randomly initialised backbones (mean of 3 seeds) on the organ probe.
+
+    Not reached at the tiny budget (measured: last block 0.568 pretrained vs 0.596 random init, concatenation
+    0.571 vs 0.596). The losses, Sinkhorn-Knopp, heads, EMA and schedules follow the official code, and the
+    reason is the regime, not a bug found: at initialisation the teacher's CLS tokens are nearly identical
+    across images (spread 0.085; cosine 0.999 between the DINO head's bottleneck features), so its prototype
+    scores differ between images by ~1e-3, far below the teacher temperature (0.04-0.07), and the targets are
+    uniform. The student then minimises the cross-entropy by making its own distribution uniform too (head
+    gradient norm 1.2 -> 0.002), which the EMA teacher inherits: a stable uniform fixed point. Only KoLeo
+    moves the backbone; it spreads the CLS tokens (spread 0.91) but not consistently across views (cosine
+    -0.06 between the two global crops of one slice), which blurs the intensity information that a random
+    ViT's patch embedding keeps. The same holds with the last layer frozen 5-10 epochs, 256 prototypes,
+    LayerScale 1.0, teacher temperature 0.02, KoLeo weight 0-0.02, the official lr scaling (5e-4), teacher
+    momentum 0.99-1, and 600 steps. DINOv3 leaves this regime after thousands of iterations at large batch;
+    reaching it here would need a budget far beyond a unit test.
+    """
+    randoms = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        randoms.append(_knn_organ_accuracy(create_backbone("vit_tiny", in_chans=1, img_size=64), probe_phantoms))
+    random_init = {key: float(np.mean([r[key] for r in randoms])) for key in randoms[0]}
+    pretrained = _knn_organ_accuracy(load_backbone(tiny_run / "backbone.pth"), probe_phantoms)
+    print(f"k-NN organ probe (balanced accuracy): random init {random_init}, pretrained {pretrained}")
+    assert pretrained["last"] > random_init["last"]
 
 
 @pytest.mark.slow

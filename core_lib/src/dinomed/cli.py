@@ -34,6 +34,28 @@ COMMAND_MODULES = (
 )
 
 
+class _IntermixedArgumentParser(argparse.ArgumentParser):
+    """A subcommand parser whose positionals (e.g. ``key=value`` overrides) may also follow the options:
+    ``dinomed pretrain CONFIG --data D --out O optim.epochs=10`` parses like the options-last order.
+
+    ``parse_intermixed_args`` cannot run on the top-level parser (its subcommand positional has
+    ``nargs=PARSER``), so each subcommand parser parses its own arguments intermixed.
+    """
+
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inside:  # parse_known_intermixed_args calls back into parse_known_args
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        except TypeError:  # a parser argparse cannot parse intermixed (e.g. nargs=REMAINDER)
+            return super().parse_known_args(args, namespace)
+        finally:
+            self._inside = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dinomed",
@@ -41,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dinomed {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages to stderr")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_IntermixedArgumentParser)
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(f"dinomed.commands.{name}")

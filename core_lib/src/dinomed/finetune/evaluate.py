@@ -59,7 +59,7 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, out_csv: str | P
     from ..models import load_model_folder
     from ..inference.predict import predict_volume
     from ..preprocess import default_spec
-    from .trainer import resolve_device
+    from ..runtime import resolve_device
 
     events = events or EventWriter(enabled=False, quiet=True)
     out_csv = Path(out_csv)

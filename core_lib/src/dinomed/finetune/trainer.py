@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
 import shlex
 import signal
@@ -30,10 +29,11 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path, atomic_write_text
+from ..runtime import init_distributed
 from ..errors import CheckpointError, DinomedError
 from ..events import EventWriter
 from .config import dump_config
-from .dataset import DatasetError, DatasetSpec, load_case, open_dataset, split_cases, validate_dataset
+from .dataset import DatasetSpec, load_case, open_dataset, split_cases, validate_dataset
 from .metrics import class_metrics, nanmean
 from .transforms import PatchDataset, PatchSampler, StepIndices
 
@@ -59,45 +59,6 @@ class FinetuneResult:
 
 # ---------------------------------------------------------------------------------------------------------
 # distributed set-up
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    initialised_here: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_request: str) -> tuple[DistInfo, torch.device]:
-    """The process group under ``torchrun`` (env ``WORLD_SIZE`` > 1): nccl when this rank has a GPU, gloo otherwise."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo(), resolve_device(device_request, 0)
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_request, local_rank)
-    here = False
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        here = True
-    return DistInfo(rank, world, local_rank, here), device
-
-
-def resolve_device(request: str, local_rank: int = 0) -> torch.device:
-    if request in (None, "auto"):
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(request)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DinomedError(f"config train.device is {request!r} but no CUDA GPU is available")
-    return device
 
 
 # ---------------------------------------------------------------------------------------------------------

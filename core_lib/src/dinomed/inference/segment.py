@@ -30,6 +30,7 @@ import SimpleITK as sitk
 
 from ..atomic import atomic_write_text
 from ..errors import DinomedError, InputImageError
+from ..runtime import resolve_device
 
 LABELS_FORMAT = "dinomed-labels/1"
 STATS_SUFFIXES = (".csv", ".json")
@@ -37,27 +38,6 @@ STATS_SUFFIXES = (".csv", ".json")
 
 # ---------------------------------------------------------------------------------------------------------
 # devices and precision
-
-
-def resolve_device(name: str = "auto"):
-    """``auto`` → CUDA when present, else Apple MPS when present, else CPU; otherwise the named device,
-    refused with a clear error when this machine does not have it."""
-    import torch
-
-    name = (name or "auto").lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DinomedError(f"device {name!r} was asked for but this machine has no CUDA GPU (torch {torch.__version__}); use --device auto or cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-        raise DinomedError("device 'mps' was asked for but Apple MPS is not available here; use --device auto or cpu")
-    if not (name == "cpu" or name == "mps" or name.startswith("cuda")):
-        raise DinomedError(f"unknown device {name!r}; expected auto, cpu, cuda, cuda:N or mps")
-    return torch.device(name)
 
 
 def autocast_dtype(device):

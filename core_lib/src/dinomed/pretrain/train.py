@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,9 @@ from torch import nn
 
 from ..atomic import atomic_write_text
 from ..backbones import create_backbone, load_backbone
-from ..errors import CheckpointError, DinomedError
+from ..errors import DinomedError
 from ..events import EventWriter
+from ..runtime import DistInfo, init_distributed
 from . import checkpoint as ckpt
 from .config import dump_config
 from .crops import MultiCropAugmentation, MultiCropConfig
@@ -38,30 +38,6 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------
 # distributed
-
-
-@dataclass
-class DistEnv:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    initialized_here: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_kind: str) -> DistEnv:
-    """Join the process group that ``torchrun`` describes in the environment (nothing to do otherwise)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistEnv()
-    if dist.is_initialized():
-        return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-    backend = "nccl" if device_kind == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
-    return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), True)
 
 
 def _all_mean(values: torch.Tensor) -> torch.Tensor:
@@ -198,18 +174,6 @@ def gram_refresh_due(cfg: dict, iteration: int, done_updates: int) -> bool:
 # the run
 
 
-def _device(cfg: dict, env: DistEnv) -> torch.device:
-    kind = cfg["train"]["device"]
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise DinomedError("config train.device=cuda but no CUDA GPU is available")
-        torch.cuda.set_device(env.local_rank)
-        return torch.device("cuda", env.local_rank)
-    return torch.device("cpu")
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -225,17 +189,15 @@ def pretrain(cfg: dict, data_dir: str | Path, run_dir: str | Path, events: Event
     """
     events = events or EventWriter(enabled=False, quiet=True)
     run_dir = Path(run_dir)
-    kind = cfg["train"]["device"]
-    env = init_distributed("cuda" if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()) else "cpu")
+    env, device = init_distributed(cfg["train"]["device"])
     try:
-        return _pretrain(cfg, Path(data_dir), run_dir, events, resume, stop_after, env)
+        return _pretrain(cfg, Path(data_dir), run_dir, events, resume, stop_after, env, device)
     finally:
-        if env.initialized_here:
+        if env.initialised_here:
             dist.destroy_process_group()
 
 
-def _pretrain(cfg, data_dir, run_dir, events, resume, stop_after, env: DistEnv) -> dict:
-    device = _device(cfg, env)
+def _pretrain(cfg, data_dir, run_dir, events, resume, stop_after, env: DistInfo, device: torch.device) -> dict:
     train = cfg["train"]
     if not resume and (run_dir / ckpt.CHECKPOINT).exists():
         raise DinomedError(f"--out {run_dir} already holds a run ({ckpt.CHECKPOINT}); pass --resume to continue it "
@@ -354,7 +316,7 @@ def _pretrain(cfg, data_dir, run_dir, events, resume, stop_after, env: DistEnv) 
             "volumes": len(scan.volumes)}
 
 
-def _save(run_dir, meta, optimizer, step, gram_updates, unreadable, env: DistEnv, cfg, events) -> None:
+def _save(run_dir, meta, optimizer, step, gram_updates, unreadable, env: DistInfo, cfg, events) -> None:
     rng = ckpt.rng_state()
     if env.world_size > 1:  # every process's RNG streams (drop-path) are kept, rank-indexed
         gathered: list = [None] * env.world_size

@@ -10,7 +10,6 @@ from typing import Annotated, Optional
 
 import qt
 import slicer
-import vtk
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,

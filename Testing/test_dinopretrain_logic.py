@@ -7,7 +7,6 @@ import json
 import math
 import shutil
 import time
-from pathlib import Path
 
 import psutil
 import pytest

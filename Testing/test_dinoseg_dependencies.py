@@ -1,7 +1,6 @@
 """Dependency planning inside Slicer (what would be installed), checked in the project's environment."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from DINOSegLib import dependencies
 

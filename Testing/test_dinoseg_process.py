@@ -1,7 +1,6 @@
 """The child-process runner: real ``python -m dinomed`` children, real process trees, real signals."""
 from __future__ import annotations
 
-import sys
 import textwrap
 import time
 

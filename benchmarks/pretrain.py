@@ -13,14 +13,12 @@ second = batch size / step time.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 import torch
 

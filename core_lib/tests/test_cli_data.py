@@ -66,3 +66,41 @@ def test_suv_real_slice_and_errors(tmp_path, shared_data, capsys):
     assert main(["lesions", "--pet", str(tmp_path / "missing.nii.gz"), "--seg", str(tmp_path / "suv.nii.gz"),
                  "--out", str(tmp_path / "s.csv")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_lesions_reads_the_label_table_of_dinomed_segment(tmp_path):
+    """A label map with a ``.labels.json`` beside it (as ``dinomed segment`` writes): its lesion labels are
+    measured by default, under their names; ``--labels`` still chooses others."""
+    import csv
+    import json
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from dinomed.cli import main
+
+    labels = np.zeros((12, 20, 20), np.uint8)
+    labels[2:6, 3:8, 3:8] = 1  # a lesion
+    labels[7:11, 10:18, 10:18] = 2  # an organ
+    pet = np.where(labels == 1, 6.0, np.where(labels == 2, 2.0, 0.5)).astype(np.float32)
+    seg_img, pet_img = sitk.GetImageFromArray(labels), sitk.GetImageFromArray(pet)
+    for img in (seg_img, pet_img):
+        img.SetSpacing((2.0, 2.0, 3.0))
+    sitk.WriteImage(seg_img, str(tmp_path / "seg.nii.gz"))
+    sitk.WriteImage(pet_img, str(tmp_path / "pet.nii.gz"))
+    (tmp_path / "seg.labels.json").write_text(json.dumps({"format": "dinomed-labels/1", "labels": [
+        {"value": 1, "name": "lesion", "lesion": True}, {"value": 2, "name": "liver"}]}))
+
+    def table(*extra):
+        out = tmp_path / "stats.csv"
+        assert main(["lesions", "--pet", str(tmp_path / "pet.nii.gz"), "--seg", str(tmp_path / "seg.nii.gz"),
+                     "--out", str(out), *extra]) == 0
+        with open(out) as fh:
+            return list(csv.DictReader(fh))
+
+    rows = table()
+    assert {r["label"] for r in rows} == {"1"} and {r["name"] for r in rows} == {"lesion"}
+    lesion = next(r for r in rows if r["lesion"] != "total")
+    assert float(lesion["suv_max"]) == 6.0 and int(lesion["voxels"]) == 4 * 5 * 5
+    rows = table("--labels", "2")
+    assert {r["name"] for r in rows} == {"liver"}

@@ -114,8 +114,9 @@ PROBE_SHAPE = (16, 128, 128)  # 8x8 patches of 16 pixels per slice
 
 
 @pytest.fixture(scope="module")
-def probe_phantoms() -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Normalised CT slices ``(z, 1, 128, 128)`` and one label per 16x16 patch ``(z, 8, 8)`` (-1: not probed).
+def probe_phantoms() -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Normalised CT slices ``(z, 1, 128, 128)``, one label per 16x16 patch ``(z, 8, 8)`` (-1: not probed) and one
+    label per slice ``(z,)``.
 
     A patch is labelled with the organ (``organs`` map; 0 = other body tissue) covering most of it and is
     probed only if that label covers at least half of it and at most half of it is air outside the organs
@@ -136,7 +137,11 @@ def probe_phantoms() -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         major = (blocks(organs) == label[..., None]).float().mean(-1) >= 0.5
         label[~major | (blocks(air).float().mean(-1) > 0.5)] = -1
         ct = normalize_channel(hu, default_spec("CT"))
-        out[seed] = (torch.from_numpy(ct)[:, None], label)
+        area = torch.stack([(organs == c).sum((1, 2)) for c in range(int(organs.max()) + 1)], 1)
+        area[:, 0] = 0
+        slice_label = area.argmax(1)
+        slice_label[area.max(1).values == 0] = -1  # the organ with the largest area in the slice, -1: none
+        out[seed] = (torch.from_numpy(ct)[:, None], label, slice_label)
     return out
 
 
@@ -154,7 +159,7 @@ def _knn_organ_accuracy(model, phantoms, k: int = 20, temperature: float = 0.07)
     feats: dict[str, list] = {"last": [], "concat": []}
     labels = []
     for seed in [*PROBE_TRAIN, *PROBE_TEST]:
-        ct, label = phantoms[seed]
+        ct, label, _ = phantoms[seed]
         with torch.no_grad():
             blocks = extract_features(model.eval(), ct, layers=list(range(depth))).patches
         keep = label >= 0
@@ -183,54 +188,120 @@ def _knn_organ_accuracy(model, phantoms, k: int = 20, temperature: float = 0.07)
 # the batch-mean teacher distribution (log 64 = 4.16 nats when all 64 prototypes are used evenly)
 SPREAD_FLOOR = 0.3
 ENTROPY_FLOOR = 0.5 * np.log(64)
+LOG_K = float(np.log(64))
 
 
 @pytest.fixture(scope="module")
 def tiny_run(ct_folder, tmp_path_factory) -> Path:
-    """200 iterations of the tiny config (~40 s on one core), exported with the CLI."""
+    """1,000 iterations of the tiny config (~75 s on two cores), exported with the CLI."""
     run = tmp_path_factory.mktemp("tiny") / "run"
-    pretrain(load_config("tiny_test", ["optim.epochs=20"]), ct_folder, run)
+    pretrain(load_config("tiny_test", ["optim.epochs=100", "checkpointing.period=500"]), ct_folder, run)
     assert main(["export-backbone", str(run), "--out", str(run / "backbone.pth")]) == 0
     return run
 
 
+def _mean(rows: list[dict], key: str) -> float:
+    return float(np.mean([r[key] for r in rows]))
+
+
 @pytest.mark.slow
 def test_tiny_run_learns_without_collapse(tiny_run):
+    """The DINO and iBOT losses (not only KoLeo) fall below their uniform value log K, the teacher's per-image
+    targets sharpen, and the teacher does not collapse (CLS spread and batch-mean entropy above their floors)."""
     rows = metrics(tiny_run)
-    first = np.mean([r["loss"] for r in rows[:10]])
-    last = np.mean([r["loss"] for r in rows[-10:]])
-    assert last < first - 0.2
-    assert min(r["teacher_cls_spread"] for r in rows[-50:]) > SPREAD_FLOOR
+    first, last = rows[:20], rows[-100:]
+    assert _mean(last, "loss") < _mean(first, "loss") - 0.5
+    # uniform targets give exactly log K; an ibot_loss is per global crop and half of them are masked
+    assert _mean(first, "dino_global_loss") == pytest.approx(LOG_K, abs=0.03)
+    assert _mean(last, "dino_global_loss") < LOG_K - 0.3
+    assert _mean(last, "dino_local_loss") < LOG_K - 0.2
+    assert _mean(last, "ibot_loss") < _mean(first, "ibot_loss") - 0.05
+    assert _mean(last, "dino_target_entropy") < 0.9 * LOG_K
+    assert _mean(last, "ibot_target_entropy") < 0.9 * LOG_K
+    assert min(r["teacher_cls_spread"] for r in last) > SPREAD_FLOOR
     assert min(r["teacher_entropy"] for r in rows) > ENTROPY_FLOOR
     assert load_backbone(tiny_run / "backbone.pth").load_report.missing == []
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "not reached: after 200 tiny CPU steps the DINO and iBOT losses stay at log K (uniform Sinkhorn-Knopp "
-    "targets), only KoLeo learns; probe (last block) 0.57 pretrained vs 0.60 random init (mean of 3 seeds)"))
-def test_knn_organ_probe_beats_random_init(tiny_run, probe_phantoms):
-    """The exported teacher must beat randomly initialised backbones (mean of 3 seeds) on the organ probe.
+def test_dead_start_is_reported(ct_folder, tmp_path):
+    """The official schedule at this size (teacher temperature 0.04 -> 0.07, lr warm-up to 2e-3) leaves the DINO
+    targets uniform; the run says so in its events at ``train.dead_start_check``."""
+    from dinomed.events import EventWriter, parse_event
+    import io
 
-    Not reached at the tiny budget (measured: last block 0.568 pretrained vs 0.596 random init, concatenation
-    0.571 vs 0.596). The losses, Sinkhorn-Knopp, heads, EMA and schedules follow the official code, and the
-    reason is the regime, not a bug found: at initialisation the teacher's CLS tokens are nearly identical
-    across images (spread 0.085; cosine 0.999 between the DINO head's bottleneck features), so its prototype
-    scores differ between images by ~1e-3, far below the teacher temperature (0.04-0.07), and the targets are
-    uniform. The student then minimises the cross-entropy by making its own distribution uniform too (head
-    gradient norm 1.2 -> 0.002), which the EMA teacher inherits: a stable uniform fixed point. Only KoLeo
-    moves the backbone; it spreads the CLS tokens (spread 0.91) but not consistently across views (cosine
-    -0.06 between the two global crops of one slice), which blurs the intensity information that a random
-    ViT's patch embedding keeps. The same holds with the last layer frozen 5-10 epochs, 256 prototypes,
-    LayerScale 1.0, teacher temperature 0.02, KoLeo weight 0-0.02, the official lr scaling (5e-4), teacher
-    momentum 0.99-1, and 600 steps. DINOv3 leaves this regime after thousands of iterations at large batch;
-    reaching it here would need a budget far beyond a unit test.
-    """
-    randoms = []
+    stream = io.StringIO()
+    cfg = load_config("tiny_test", [
+        "optim.epochs=3", "train.dead_start_check=30",
+        "schedules.lr={start: 0.0, peak: 2.0e-3, end: 1.0e-4, warmup_epochs: 1, freeze_last_layer_epochs: 1}",
+        "schedules.teacher_temp={start: 0.04, peak: 0.07, end: 0.07, warmup_epochs: 2}"])
+    pretrain(cfg, ct_folder, tmp_path / "run", events=EventWriter(enabled=True, stream=stream, quiet=True))
+    rows = metrics(tmp_path / "run")
+    assert _mean(rows[-10:], "dino_target_entropy") > 0.99 * LOG_K
+    logs = [e["message"] for e in map(parse_event, stream.getvalue().splitlines()) if e and e["event"] == "log"]
+    assert any("targets are still uniform" in m and "schedules.teacher_temp" in m for m in logs), logs
+
+
+def _random_inits(probe, phantoms) -> dict[str, float]:
+    results = []
     for seed in range(3):
         torch.manual_seed(seed)
-        randoms.append(_knn_organ_accuracy(create_backbone("vit_tiny", in_chans=1, img_size=64), probe_phantoms))
-    random_init = {key: float(np.mean([r[key] for r in randoms])) for key in randoms[0]}
+        results.append(probe(create_backbone("vit_tiny", in_chans=1, img_size=64), phantoms))
+    return {key: float(np.mean([r[key] for r in results])) for key in results[0]}
+
+
+def _knn_slice_accuracy(model, phantoms, k: int = 20, temperature: float = 0.07) -> dict[str, float]:
+    """Balanced accuracy of DINO's weighted k-NN (Caron et al. 2021, sec. 4.1) on the CLS token, one label per
+    slice: the organ with the largest area in it (slices with no organ are left out). Train slices from phantoms
+    ``PROBE_TRAIN``, test slices from ``PROBE_TEST``; classes with at least 5 train and 3 test slices."""
+    xs, ys, test = [], [], []
+    for seed in [*PROBE_TRAIN, *PROBE_TEST]:
+        ct, _, slice_label = phantoms[seed]
+        with torch.no_grad():
+            cls = extract_features(model.eval(), ct, layers=[len(model.blocks) - 1]).cls[-1]
+        xs.append(torch.nn.functional.normalize(cls, dim=-1))
+        ys.append(slice_label)
+        test.append(torch.full((len(slice_label),), seed in PROBE_TEST))
+    x, y, is_test = torch.cat(xs), torch.cat(ys), torch.cat(test)
+    classes = torch.tensor([int(c) for c in y[y >= 0].unique()
+                            if (y[~is_test] == c).sum() >= 5 and (y[is_test] == c).sum() >= 3])
+    train_rows, test_rows = ~is_test & torch.isin(y, classes), is_test & torch.isin(y, classes)
+    votes = (y[train_rows][:, None] == classes[None]).float()
+    votes /= votes.sum(0, keepdim=True)
+    sim, nearest = (x[test_rows] @ x[train_rows].T).topk(k, dim=1)
+    pred = classes[(torch.exp(sim / temperature)[..., None] * votes[nearest]).sum(1).argmax(1)]
+    y_test = y[test_rows]
+    return {"cls": float(np.mean([(pred[y_test == c] == c).float().mean() for c in classes])),
+            "n_classes": float(len(classes))}
+
+
+@pytest.mark.slow
+def test_knn_slice_probe_beats_random_init(tiny_run, probe_phantoms):
+    """DINO's own probe (k-NN on the CLS token, image-level labels): the exported teacher against randomly
+    initialised backbones (mean of 3 seeds) on held-out phantoms. Measured: 0.56 pretrained vs 0.24 random
+    (chance 0.25 with the 4 classes that qualify: liver, kidney, lung, bone). The run's last 100 steps: DINO
+    loss 3.58 (global) and 3.70 (local) against log 64 = 4.159, per-image target entropy 3.42."""
+    random_init = _random_inits(_knn_slice_accuracy, probe_phantoms)
+    pretrained = _knn_slice_accuracy(load_backbone(tiny_run / "backbone.pth"), probe_phantoms)
+    print(f"k-NN slice probe (balanced accuracy, CLS): random init {random_init}, pretrained {pretrained}")
+    assert pretrained["n_classes"] >= 3
+    assert pretrained["cls"] > random_init["cls"] + 0.15
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason=(
+    "not reliably reached at the tiny budget: dense patch probe 0.52-0.61 over the runs made vs 0.60 for random "
+    "init (0.598 vs 0.596 for this fixture); a random ViT's patch tokens are a strong pixel-level baseline here"))
+def test_knn_organ_probe_beats_random_init(tiny_run, probe_phantoms):
+    """Dense probe: k-NN of per-patch organ labels on the last block's patch tokens; the exported teacher must
+    beat randomly initialised backbones (mean of 3 seeds).
+
+    Measured on runs of the tiny config: 0.598 for this fixture, 0.609 and 0.612 for other runs of 1,000 and 2,000
+    steps, against 0.596 for random init, but 0.589 with a cosine learning-rate decay and 0.524 when trained on
+    128-pixel slices, so the margin is within run-to-run variation. A random ViT's patch tokens are close to a random projection of the 16x16 pixels,
+    which already separates the phantom organs by intensity and texture; the slice probe above, where a random
+    CLS token is at chance, shows that the run learns.
+    """
+    random_init = _random_inits(_knn_organ_accuracy, probe_phantoms)
     pretrained = _knn_organ_accuracy(load_backbone(tiny_run / "backbone.pth"), probe_phantoms)
     print(f"k-NN organ probe (balanced accuracy): random init {random_init}, pretrained {pretrained}")
     assert pretrained["last"] > random_init["last"]

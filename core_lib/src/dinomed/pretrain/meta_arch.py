@@ -149,6 +149,8 @@ class SSLMetaArch(nn.Module):
         loss.backward()
         with torch.no_grad():
             metrics.update(collapse_metrics(t["cls"], t["cls_scores"], teacher_temp))
+            metrics["dino_target_entropy"] = target_entropy(cls_targets)
+            metrics["ibot_target_entropy"] = target_entropy(patch_targets)
         metrics["loss"] = loss.detach()
         return loss.detach(), metrics
 
@@ -167,6 +169,20 @@ class SSLMetaArch(nn.Module):
             return
         state = {k: v for k, v in self.teacher.backbone.state_dict().items() if k != "mask_token"}
         self.gram_teacher.load_state_dict(state, strict=False)
+
+
+def target_entropy(targets: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the per-sample Sinkhorn-Knopp targets ``(..., K)``.
+
+    ``log K`` means uniform targets: the teacher does not tell images (or patches) apart and the student has
+    nothing to learn (the "dead start" of a run whose teacher temperature is too high for its logits); it falls
+    as the teacher's assignments sharpen. Not a collapse sign on its own: Sinkhorn-Knopp keeps every prototype
+    used, so the batch-mean distribution stays near uniform either way.
+    """
+    t = targets.float().flatten(0, -2)
+    if t.numel() == 0:
+        return torch.tensor(float("nan"))
+    return -(t * t.clamp(min=1e-12).log()).sum(-1).mean()
 
 
 def collapse_metrics(teacher_cls: torch.Tensor, teacher_scores: torch.Tensor, teacher_temp: float) -> dict:

@@ -7,6 +7,7 @@ Sinkhorn-Knopp normalisation and KoLeo neighbours are all taken over the global 
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -262,6 +263,8 @@ def _pretrain(cfg, data_dir, run_dir, events, resume, stop_after, env: DistInfo,
     epoch_length = int(train["epoch_length"])
     period = int(cfg["checkpointing"]["period"])
     iterator = iter(loader)
+    dead_check = int(train.get("dead_start_check") or 0)
+    recent_entropy: collections.deque = collections.deque(maxlen=20)
     for it in range(start, end):
         batch = next(iterator)
         for message in batch.pop("unreadable"):
@@ -296,6 +299,9 @@ def _pretrain(cfg, data_dir, run_dir, events, resume, stop_after, env: DistInfo,
             events.log(f"Gram teacher refreshed from the EMA teacher after iteration {it + 1} ({gram_updates})")
 
         step = it + 1
+        recent_entropy.append(reduced["dino_target_entropy"])
+        if env.main and step == dead_check:
+            _warn_dead_start(cfg, recent_entropy, step, events)
         if env.main:
             record = {"step": step, "epoch": it // epoch_length, **reduced, "lr": float(schedules.lr[it]),
                       "weight_decay": float(schedules.weight_decay[it]), "momentum": float(schedules.momentum[it]),
@@ -314,6 +320,24 @@ def _pretrain(cfg, data_dir, run_dir, events, resume, stop_after, env: DistInfo,
     return {"metrics": last_metrics, "unreadable": unreadable, "iterations": end, "total": total,
             "checkpoint": str(run_dir / ckpt.CHECKPOINT), "teacher_checkpoint": str(run_dir / ckpt.TEACHER_CHECKPOINT),
             "volumes": len(scan.volumes)}
+
+
+def _warn_dead_start(cfg: dict, recent_entropy, step: int, events: EventWriter) -> None:
+    """Say so when the teacher's DINO targets are still uniform: the run is not learning yet.
+
+    With DINOv3's plain (not weight-normalised) last head layer, initialised at std 0.02, the prototype scores of
+    different images differ by ~0.02 or less at the start; at a teacher temperature of 0.04-0.07 the
+    Sinkhorn-Knopp targets are then uniform, and a high learning rate drives the student to the uniform
+    fixed point before the small differences can grow (seen on phantom runs: see README, Pretraining).
+    """
+    n_prototypes = int(cfg["dino"]["head_n_prototypes"])
+    mean = float(np.mean(list(recent_entropy)))
+    if mean > 0.99 * math.log(n_prototypes):
+        events.log(
+            f"warning: after {step} iterations the teacher's DINO targets are still uniform (mean per-image "
+            f"entropy {mean:.3f} nats, log K = {math.log(n_prototypes):.3f}): the losses cannot fall from here. "
+            "A lower teacher temperature (schedules.teacher_temp, e.g. 0.02) and a lower peak learning rate "
+            "(schedules.lr.peak, e.g. 2e-4) let small runs leave this state; see the README's pretraining section")
 
 
 def _save(run_dir, meta, optimizer, step, gram_updates, unreadable, env: DistInfo, cfg, events) -> None:

@@ -40,9 +40,8 @@ def bench(name: str, folder: Path, batch: int, steps: int, warmup: int, device: 
     cfg = load_config(config, overrides + [f"train.batch_size_per_gpu={batch}", f"train.device={device}"])
     crops = MultiCropConfig.from_config(cfg["crops"])
     source = SliceSource(scan_volume_folder(folder), "CT")
-    dataset = MultiCropSliceDataset(source, MultiCropAugmentation(crops), seed=0)
-    grid = (crops.global_crops_size // 16,) * 2
-    collate = MultiCropCollator(grid, cfg["ibot"]["mask_ratio_min_max"], cfg["ibot"]["mask_sample_probability"], 0)
+    dataset = MultiCropSliceDataset(source, MultiCropAugmentation(crops), seed=0, global_batch=batch)
+    collate = MultiCropCollator(cfg["ibot"]["mask_ratio_min_max"], cfg["ibot"]["mask_sample_probability"], 0)
     batches = [collate([dataset[s * batch + i] for i in range(batch)]) for s in range(warmup + steps)]
     meta = build_meta_arch(cfg).to(device).train()
     optimizer = torch.optim.AdamW(param_groups(meta.student, cfg))

@@ -96,12 +96,12 @@ def test_multicrop_sample_and_masks(tmp_path):
     assert sample["gram_crops"].shape == (2, 1, 128, 128)
     assert torch.equal(dataset[5]["global_crops"], sample["global_crops"])  # a pure function of (seed, index)
     assert not torch.equal(dataset[6]["global_crops"], sample["global_crops"])
-    collate = MultiCropCollator((4, 4), (0.1, 0.5), 0.5, seed=0)
+    collate = MultiCropCollator((0.1, 0.5), 0.5, seed=0)
     batch = collate([dataset[i] for i in range(4)])
     assert batch["global_crops"].shape == (8, 1, 64, 64) and batch["local_crops"].shape == (8, 1, 32, 32)
     assert batch["masks"].shape == (8, 16) and int((batch["masks"].sum(1) > 0).sum()) == 4
     # two processes with half the batch each get exactly the masks of the one-process batch
-    halves = [MultiCropCollator((4, 4), (0.1, 0.5), 0.5, 0, world_size=2, rank=r)([dataset[i] for i in range(2 * r, 2 * r + 2)])
+    halves = [MultiCropCollator((0.1, 0.5), 0.5, 0, world_size=2, rank=r)([dataset[i] for i in range(2 * r, 2 * r + 2)])
               for r in range(2)]
     joined = torch.cat([torch.cat([h["masks"][k * 2:(k + 1) * 2] for h in halves]) for k in range(2)])
     assert torch.equal(joined, batch["masks"])
@@ -121,5 +121,37 @@ def test_config_layers_overrides_and_errors():
     with pytest.raises(DinomedError, match="bundled"):
         load_config("no_such_config")
     stage3 = load_config("ct_vitb_stage3", ["gram.ckpt=/runs/stage2", "student.init_from=/runs/stage2"])
-    assert stage3["crops"]["global_crops_size"] > load_config("ct_vitb_stage1")["crops"]["global_crops_size"]
+    assert max(stage3["crops"]["global_crops_size"]) > load_config("ct_vitb_stage1")["crops"]["global_crops_size"]
     assert stage3["gram"]["loss_weight_schedule"]["start"] == stage3["gram"]["loss_weight_schedule"]["end"]
+
+
+def test_multiresolution_batches(tmp_path):
+    """List-valued crop sizes: every batch is at one resolution, drawn per step in the configured shares, the
+    same for every process; the masks follow each batch's patch grid; bad lists are refused."""
+    from dinomed.pretrain.crops import resolution_for_step
+
+    cfg = load_config("tiny_test", ["crops.global_crops_size=[64, 96]", "crops.local_crops_size=[32, 48]",
+                                    "crops.gram_teacher_crops_size=[96, 144]",
+                                    "crops.global_local_crop_pairs_ratios=[0.5, 0.5]"])
+    crops = MultiCropConfig.from_config(cfg["crops"])
+    assert crops.resolutions() == [(64, 32, 96), (96, 48, 144)]
+    choices = [resolution_for_step(crops, 0, step) for step in range(200)]
+    assert 0.35 < np.mean(choices) < 0.65 and choices == [resolution_for_step(crops, 0, s) for s in range(200)]
+    source = SliceSource(scan_volume_folder(write_ct(tmp_path, [4])), "CT")
+    dataset = MultiCropSliceDataset(source, MultiCropAugmentation(crops), seed=0, global_batch=4)
+    collate = MultiCropCollator((0.1, 0.5), 0.5, seed=0)
+    seen = set()
+    for step in range(6):
+        batch = collate([dataset[step * 4 + i] for i in range(4)])
+        g, l, gram = crops.resolutions()[resolution_for_step(crops, 0, step)]
+        assert batch["global_crops"].shape == (8, 1, g, g) and batch["local_crops"].shape == (8, 1, l, l)
+        assert batch["gram_crops"].shape == (8, 1, gram, gram)
+        assert batch["masks"].shape == (8, (g // 16) ** 2)
+        seen.add(g)
+    assert seen == {64, 96}
+    with pytest.raises(DinomedError, match="same length"):
+        load_config("tiny_test", ["crops.global_crops_size=[64, 96]", "crops.local_crops_size=[32, 48, 64]"])
+    with pytest.raises(DinomedError, match="non-negative weights"):
+        load_config("tiny_test", ["crops.global_crops_size=[64, 96]", "crops.global_local_crop_pairs_ratios=[1, -1]"])
+    with pytest.raises(DinomedError, match="multiple of the patch size"):
+        load_config("tiny_test", ["crops.global_crops_size=[64, 90]"])

@@ -91,6 +91,24 @@ def test_gram_stage_from_stage_one(ct_folder, tmp_path):
     assert summary["iterations"] == 6
 
 
+def test_stage3_multiresolution_from_stage_one(ct_folder, tmp_path):
+    """Stage 3 with the official mixing of crop resolutions: batches at 64 and 96 pixels (Gram teacher 1.5x) in
+    one run; the losses stay finite and the patch grid follows each batch."""
+    stage1 = tmp_path / "stage1"
+    pretrain(load_config("tiny_test", TINY), ct_folder, stage1)
+    cfg = load_config("tiny_test", TINY + [
+        "stage=3", "gram.use_loss=true", f"gram.ckpt={stage1}", f"student.init_from={stage1}", "gram.rep_update=false",
+        "crops.global_crops_size=[64, 96]", "crops.local_crops_size=[32, 48]", "crops.gram_teacher_crops_size=[96, 144]",
+        "crops.global_local_crop_pairs_ratios=[0.5, 0.5]"])
+    pretrain(cfg, ct_folder, tmp_path / "stage3")
+    rows = metrics(tmp_path / "stage3")
+    assert len(rows) == 6 and all(np.isfinite(r["loss"]) and np.isfinite(r["gram_loss"]) for r in rows)
+    from dinomed.pretrain.crops import MultiCropConfig, resolution_for_step
+
+    crops = MultiCropConfig.from_config(cfg["crops"])
+    assert {resolution_for_step(crops, int(cfg["train"]["seed"]), step) for step in range(6)} == {0, 1}
+
+
 def test_bad_input_through_the_cli(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

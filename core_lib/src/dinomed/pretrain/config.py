@@ -106,9 +106,20 @@ def validate_config(cfg: dict) -> None:
     crops = cfg["crops"]
     patch = 16
     for key in ("global_crops_size", "local_crops_size", "gram_teacher_crops_size"):
-        size = crops.get(key)
-        if size is not None and (int(size) <= 0 or int(size) % patch):
-            raise DinomedError(f"config crops.{key}={size}: expected a positive multiple of the patch size {patch}")
+        value = crops.get(key)
+        for size in value if isinstance(value, (list, tuple)) else [value]:
+            if size is not None and (int(size) <= 0 or int(size) % patch):
+                raise DinomedError(f"config crops.{key}={value}: expected a positive multiple of the patch size {patch}")
+    from .crops import MultiCropConfig
+
+    try:
+        multi = MultiCropConfig.from_config(crops)
+        multi.ratios()
+    except ValueError as exc:
+        raise DinomedError(f"config {exc}") from None
+    if cfg["gram"]["use_loss"] and any(gram is None for _, _, gram in multi.resolutions()):
+        raise DinomedError("config gram.use_loss=true needs crops.gram_teacher_crops_size for every resolution "
+                           "(e.g. twice global_crops_size)")
     if cfg["gram"]["use_loss"]:
         if not cfg["gram"]["ckpt"]:
             raise DinomedError(

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ..errors import DinomedError, InputImageError
 from ..preprocess import check_pet_is_suv, default_spec, normalize_channel
-from .crops import MultiCropAugmentation
+from .crops import MultiCropAugmentation, resolution_for_step
 from .masking import BlockMaskGenerator, batch_masks
 
 log = logging.getLogger(__name__)
@@ -244,12 +244,17 @@ class SliceSource:
 
 
 class MultiCropSliceDataset(Dataset):
-    """``dataset[g]`` is the multi-crop sample number ``g`` of the run, drawn with the generator of ``(seed, g)``."""
+    """``dataset[g]`` is the multi-crop sample number ``g`` of the run, drawn with the generator of ``(seed, g)``.
 
-    def __init__(self, source: SliceSource, augmentation: MultiCropAugmentation, seed: int = 0):
+    With several crop resolutions, sample ``g`` belongs to step ``g // global_batch`` and takes that step's
+    resolution (:func:`~dinomed.pretrain.crops.resolution_for_step`), so that a batch has one size.
+    """
+
+    def __init__(self, source: SliceSource, augmentation: MultiCropAugmentation, seed: int = 0, global_batch: int = 1):
         self.source = source
         self.augmentation = augmentation
         self.seed = int(seed)
+        self.global_batch = max(int(global_batch), 1)
 
     def __len__(self) -> int:  # an endless stream; the sampler decides which samples a process draws
         return 2**62
@@ -257,7 +262,8 @@ class MultiCropSliceDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, 0x5EED, int(index)])
         image, newly_bad = self.source.sample_slice(rng)
-        sample = self.augmentation(torch.from_numpy(np.ascontiguousarray(image))[None], rng)
+        resolution = resolution_for_step(self.augmentation.cfg, self.seed, int(index) // self.global_batch)
+        sample = self.augmentation(torch.from_numpy(np.ascontiguousarray(image))[None], rng, resolution)
         sample["index"] = int(index)
         sample["unreadable"] = newly_bad
         return sample
@@ -292,9 +298,10 @@ class MultiCropCollator:
     process keeps its slice, so that the masks do not depend on the number of processes.
     """
 
-    def __init__(self, grid: tuple[int, int], mask_ratio_min_max, mask_probability: float, seed: int,
-                 world_size: int = 1, rank: int = 0):
-        self.generator = BlockMaskGenerator(grid)
+    def __init__(self, mask_ratio_min_max, mask_probability: float, seed: int, world_size: int = 1, rank: int = 0,
+                 patch_size: int = 16):
+        self.generators: dict[tuple[int, int], BlockMaskGenerator] = {}  # one per crop resolution
+        self.patch_size = int(patch_size)
         self.mask_ratio_min_max = tuple(mask_ratio_min_max)
         self.mask_probability = float(mask_probability)
         self.seed = int(seed)
@@ -314,7 +321,10 @@ class MultiCropCollator:
         if "gram_crops" in samples[0]:
             out["gram_crops"] = torch.cat([torch.stack([s["gram_crops"][k] for s in samples]) for k in range(2)])
         rng = np.random.default_rng([self.seed, 0x3A5C, int(step)])
-        masks = batch_masks(self.generator, 2 * local * self.world, self.mask_ratio_min_max, self.mask_probability, rng)
+        height, width = out["global_crops"].shape[-2:]
+        grid = (height // self.patch_size, width // self.patch_size)
+        generator = self.generators.setdefault(grid, BlockMaskGenerator(grid))
+        masks = batch_masks(generator, 2 * local * self.world, self.mask_ratio_min_max, self.mask_probability, rng)
         masks = masks.reshape(2, self.world, local, -1)[:, self.rank].reshape(2 * local, -1)
         out["masks"] = torch.from_numpy(masks)
         return out

@@ -68,7 +68,8 @@ def build_meta_arch(cfg: dict) -> SSLMetaArch:
     """Student/teacher from scratch, from a natural-image backbone (``student.pretrained``) or from an earlier
     stage's teacher (``student.init_from``); the Gram teacher from ``gram.ckpt``."""
     s = cfg["student"]
-    size = int(cfg["crops"]["global_crops_size"])
+    resolutions = MultiCropConfig.from_config(cfg["crops"]).resolutions()
+    size = resolutions[0][0]  # DINOv3 ViTs take any multiple of the patch size; this only sets the default
     student = create_backbone(s["arch"], in_chans=int(s["in_chans"]), img_size=size,
                               drop_path_rate=float(s["drop_path_rate"]), init_values=float(s["layerscale"]))
     heads = None
@@ -90,7 +91,7 @@ def build_meta_arch(cfg: dict) -> SSLMetaArch:
     gram_backbone = None
     if cfg["gram"]["use_loss"]:
         path = ckpt.teacher_checkpoint_path(cfg["gram"]["ckpt"], "gram.ckpt")
-        gram_backbone = load_backbone(path, in_chans=int(s["in_chans"]), img_size=int(cfg["crops"]["gram_teacher_crops_size"]))
+        gram_backbone = load_backbone(path, in_chans=int(s["in_chans"]), img_size=max(r[2] or size for r in resolutions))
         log.info("Gram teacher from %s\n%s", path, gram_backbone.load_report.summary())
     return SSLMetaArch(cfg, student, gram_backbone, heads)
 
@@ -245,9 +246,8 @@ def _pretrain(cfg, data_dir, run_dir, events, resume, stop_after, env: DistInfo,
             meta.student, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
     crops = MultiCropConfig.from_config(cfg["crops"])
-    grid = (crops.global_crops_size // 16, crops.global_crops_size // 16)
-    dataset = MultiCropSliceDataset(source, MultiCropAugmentation(crops), seed=int(train["seed"]))
-    collate = MultiCropCollator(grid, cfg["ibot"]["mask_ratio_min_max"], cfg["ibot"]["mask_sample_probability"],
+    dataset = MultiCropSliceDataset(source, MultiCropAugmentation(crops), seed=int(train["seed"]), global_batch=global_batch)
+    collate = MultiCropCollator(cfg["ibot"]["mask_ratio_min_max"], cfg["ibot"]["mask_sample_probability"],
                                 int(train["seed"]), env.world_size, env.rank)
     workers = int(train["num_workers"])
     loader = torch.utils.data.DataLoader(

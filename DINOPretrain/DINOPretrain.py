@@ -89,7 +89,7 @@ class DINOPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _launch(self, resume: bool) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Could not start the run.", waitCursor=True):
-            if not dependencies.ensure_dependencies(confirm=slicer.util.confirmOkCancelDisplay):
+            if not dependencies.ensure_in_slicer():
                 return
             if resume:
                 self.logic.run.resume()

@@ -119,6 +119,7 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.pcaButton.connect("clicked(bool)", self.onPcaMap)
         self.ui.similarityButton.connect("clicked(bool)", self.onSimilarity)
         self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
 
         self.initializeParameterNode()
         self.refreshModels()
@@ -312,7 +313,14 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- child process --------------------------------------------------------------------------------
     def _ensureDependencies(self) -> bool:
-        return dependencies.ensure_dependencies(confirm=slicer.util.confirmOkCancelDisplay)
+        """One confirmation, then torch and the bundled core library; False (no error) when declined."""
+        return dependencies.ensure_in_slicer()
+
+    def onInstallDependencies(self) -> None:
+        """The Advanced section's button: reinstall the bundled core library (and torch when missing)."""
+        with slicer.util.tryWithErrorDisplay("Could not install the dependencies."):
+            if dependencies.ensure_in_slicer(force=True):
+                slicer.util.infoDisplay("DINOSeg's Python packages are installed and up to date.")
 
     def _startJob(self, job, onFinished) -> None:
         self._job = job

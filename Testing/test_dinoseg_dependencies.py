@@ -29,8 +29,18 @@ needs_reference = pytest.mark.skipif(
     not (REFERENCE / "packaging.py").is_file(),
     reason=f"Slicer's packaging.py/util.py are read from {REFERENCE}, which is absent (../shared not mounted)")
 
-sys.path.insert(0, str(STANDINS))
-import pip_recorder  # noqa: E402
+def _load_pip_recorder():
+    """The recorder's helpers, loaded by path: STANDINS must not go on sys.path (its `slicer`, `qt` and `ctk`
+    stand-ins would shadow the slicer-core wheel that the other tests use)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dinoseg_pip_recorder", STANDINS / "pip_recorder.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+pip_recorder = _load_pip_recorder()
 
 SLICER_NUMPY, SLICER_SITK = "2.2.6", "2.5.3"  # what a Slicer install ships (any versions do)
 

@@ -106,6 +106,10 @@ class MiniWidget:
         self.ui.folderButton.connect("directoryChanged(QString)", self.onFolder)
         self.ui.volumeSelector.connect('currentNodeChanged(vtkMRMLNode*)', self.onVolume)
         self.ui.section.collapsed = False
+        self.ui.volumeSelector.currentNode().GetName()
+        self.ui.volumeSelector.setMRMLScene(None)
+        self.ui.applyButton.enabled = True
+        self.ui.applyButton.setText("Run")
 '''
 
 
@@ -140,6 +144,8 @@ def test_checker_accepts_a_consistent_pair(good):
     (None, ("    folder: pathlib.Path\n", "    folder: str\n"), "parameter 'folder' (str) is bound to folderButton (ctkDirectoryButton)"),
     (('class="qMRMLNodeComboBox" name="volumeSelector"', 'class="QComboBox" name="volumeSelector"'), None,
      "parameter 'volume' (node) is bound to volumeSelector (QComboBox)"),
+    (None, ("self.ui.section.collapsed", "self.ui.section.colapsed"), "self.ui.section.colapsed: ctkCollapsibleButton has no"),
+    (None, ("self.ui.section.collapsed", "self.ui.volumeSelector.currentNodeIdentifier"), "self.ui.volumeSelector.currentNodeIdentifier"),
     (("</ui>", ""), None, "QUiLoader"),
 ])
 def test_checker_catches_each_kind_of_fault(good, ui_change, py_change, expected):

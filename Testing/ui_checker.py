@@ -87,6 +87,7 @@ class HeaderClass:
     properties: dict[str, str] = field(default_factory=dict)  # name -> C++ type
     signals: set[str] = field(default_factory=set)
     slots: set[str] = field(default_factory=set)
+    invokables: set[str] = field(default_factory=set)  # Q_INVOKABLE method names (callable from Python)
 
 
 def _strip_comments(text: str) -> str:
@@ -122,6 +123,7 @@ def parse_header(class_name: str, headers: Path = HEADERS) -> HeaderClass:
     cls = HeaderClass(class_name, [b for b in bases if b])
     for prop in re.finditer(r"Q_PROPERTY\(\s*(.+?)\s+(\w+)\s+(?:READ|MEMBER)\b", body):
         cls.properties[prop.group(2)] = prop.group(1).strip()
+    cls.invokables = set(re.findall(r"Q_INVOKABLE\s+[^;(]*?(\w+)\s*\(", body))
     section = None
     statement = ""
     for line in body.splitlines():
@@ -214,6 +216,18 @@ class WidgetModel:
     def has_property(self, class_name: str, name: str) -> bool:
         cls = self.placeholder(class_name) if class_name.startswith(CUSTOM_PREFIXES) else _qt_class(class_name)
         return cls is not None and cls.staticMetaObject.indexOfProperty(name) != -1
+
+    def has_member(self, class_name: str, member: str) -> bool:
+        """Whether Python (PythonQt) can reach ``widget.member``: a property, signal, slot or Q_INVOKABLE of the
+        header classes, or anything of the Qt base class (PythonQt wraps Qt's own classes whole)."""
+        if member in ("connect", "disconnect"):
+            return True
+        chain, qt_base = self.chain(class_name) if class_name.startswith(CUSTOM_PREFIXES) else ([], _qt_class(class_name))
+        for cls in chain:
+            names = set(cls.properties) | cls.invokables | {s.split("(")[0] for s in cls.signals | cls.slots}
+            if member in names:
+                return True
+        return qt_base is not None and (hasattr(qt_base, member) or qt_base.staticMetaObject.indexOfProperty(member) != -1)
 
     def _qt_methods(self, qt_class, kinds) -> set[str]:
         from PySide6.QtCore import QMetaMethod
@@ -387,6 +401,11 @@ def problems(ui_text: str, module_source: str, model: WidgetModel | None = None,
     for used, signal in re.findall(r"self\.ui\.(\w+)\.connect\(\s*['\"]([^'\"]+)['\"]", module_source):
         if used in widgets and normalize_signature(signal) not in model.signals(widgets[used]):
             found.append(f"module: self.ui.{used} ({widgets[used]}) has no signal {normalize_signature(signal)}")
+
+    for used, member in sorted(set(re.findall(r"self\.ui\.(\w+)\.(\w+)", module_source))):
+        if used in widgets and not model.has_member(widgets[used], member):
+            found.append(f"module: self.ui.{used}.{member}: {widgets[used]} has no property, signal, slot or "
+                         f"Q_INVOKABLE {member!r} that Python could reach")
 
     # parameterNodeWrapper bindings
     bound: dict[str, list[str]] = {}

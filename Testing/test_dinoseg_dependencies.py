@@ -110,11 +110,20 @@ class StandInSlicer:
         return dependencies.installed_version(name, path=[str(self.site)])
 
 
-def pip_args(call):
-    """A recorded pip command line without the (temporary) constraints file name."""
+BUNDLED = "<the bundled core_lib>"
+
+
+def pip_args(call, bundle: Path):
+    """A recorded pip command line without the (temporary) constraints file name, a project folder whose files
+    are exactly the bundled core_lib's written as BUNDLED (DINOSeg hands pip a clean temporary copy)."""
     args = list(call["args"])
     if "-c" in args:
         del args[args.index("-c"):args.index("-c") + 2]
+    same = pip_recorder.project_fingerprint(bundle)
+    for i, arg in enumerate(args):
+        if call["projects"].get(arg) == same:
+            assert Path(arg) != bundle, "pip must build a copy, not the extension's folder"
+            args[i] = BUNDLED
     return args
 
 
@@ -134,9 +143,9 @@ def test_fresh_install_without_pytorch_extension(slicer_513):
     assert dialog["title"] == "DINOSeg - Install Python packages"
     assert "PyTorch (torch>=2.4) from the Python package index" in dialog["text"]
     assert "core library (dinomed) from the copy bundled with the extension (not installed)" in dialog["text"]
-    assert [pip_args(c) for c in out["calls"]] == [["install", "torch>=2.4", str(slicer_513.core_lib)]]
+    assert [pip_args(c, slicer_513.core_lib) for c in out["calls"]] == [["install", "torch>=2.4", BUNDLED]]
     assert out["calls"][0]["constraints"] == f"SimpleITK=={SLICER_SITK}\nnumpy=={SLICER_NUMPY}\n"
-    assert "dinomed" not in " ".join(a for a in out["calls"][0]["args"] if not a.startswith("/"))  # never from the index
+    assert not any("dinomed" in a for a in pip_args(out["calls"][0], slicer_513.core_lib))  # never from the index
     assert slicer_513.installed("dinomed") == dependencies.core_lib_version(slicer_513.core_lib)
     assert out["cursors_left"] == 0
 
@@ -150,7 +159,7 @@ def test_fresh_install_with_pytorch_extension(tmp_path):
     assert out["error"] is None and out["result"] is True, out
     assert len(out["dialogs"]) == 1 and "through the PyTorch extension" in out["dialogs"][0]["text"]
     assert out["calls"][0] == {"PyTorchUtils.installTorch": {"askConfirmation": False, "torchVersionRequirement": ">=2.4"}}
-    assert [pip_args(c) for c in out["calls"][1:]] == [["install", str(slicer.core_lib)]]
+    assert [pip_args(c, slicer.core_lib) for c in out["calls"][1:]] == [["install", BUNDLED]]
     assert "torch==2.9.1+cu128\n" in out["calls"][1]["constraints"]
     assert slicer.installed("torch") == "2.9.1+cu128"
 
@@ -181,7 +190,7 @@ def test_extension_update_reinstalls_the_bundled_core_lib(slicer_513, change):
     out = slicer_513.run(answers=["ok"])
     assert out["error"] is None and out["result"] is True, out
     assert len(out["dialogs"]) == 1 and reason in out["dialogs"][0]["text"] and "PyTorch" not in out["dialogs"][0]["text"]
-    assert [pip_args(c) for c in out["calls"]] == [["install", str(slicer_513.core_lib)]]
+    assert [pip_args(c, slicer_513.core_lib) for c in out["calls"]] == [["install", BUNDLED]]
     assert "torch==2.4\n" in out["calls"][0]["constraints"]  # the installed torch is kept
     assert slicer_513.run()["calls"] == out["calls"]  # now current: a second run installs nothing more
 
@@ -199,7 +208,7 @@ def test_install_button_reinstalls_a_current_core_lib(slicer_513):
     slicer_513.install_as_pip_would()
     out = slicer_513.run(answers=["ok"], force=True)
     assert out["result"] is True and "reinstall requested" in out["dialogs"][0]["text"]
-    assert [pip_args(c) for c in out["calls"]] == [["install", str(slicer_513.core_lib)]]
+    assert [pip_args(c, slicer_513.core_lib) for c in out["calls"]] == [["install", BUNDLED]]
 
 
 @needs_reference
@@ -231,8 +240,8 @@ def test_slicer_5_10_without_slicer_packaging(tmp_path, pytorch_extension):
     assert out["error"] is None and out["result"] is True, out
     assert len(out["dialogs"]) == 1
     pip_calls = [c for c in out["calls"] if "args" in c]
-    expected = ["install", str(slicer.core_lib)] if pytorch_extension else ["install", "torch>=2.4", str(slicer.core_lib)]
-    assert [pip_args(c) for c in pip_calls] == [expected]
+    expected = ["install", BUNDLED] if pytorch_extension else ["install", "torch>=2.4", BUNDLED]
+    assert [pip_args(c, slicer.core_lib) for c in pip_calls] == [expected]
     assert pip_calls[0]["args"][-2] == "-c" and f"numpy=={SLICER_NUMPY}" in pip_calls[0]["constraints"]
     assert slicer.installed("dinomed") is not None
     slicer.log.unlink()

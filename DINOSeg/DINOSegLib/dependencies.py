@@ -28,6 +28,7 @@ import importlib.metadata
 import importlib.util
 import json
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,6 +255,15 @@ def _pip_install(args: list[str], constraints: Path) -> None:
         slicer.util.pip_install([*args, "-c", str(constraints)])
 
 
+def _clean_copy(core_lib: Path, target: Path) -> Path:
+    """The bundled core_lib copied for pip: pip builds a local folder in place (setuptools writes build/ and
+    *.egg-info into it, and a stale build/lib can carry files the sources no longer have), and the extension's
+    folder may be read-only. The copy holds only what the build needs."""
+    shutil.copytree(core_lib, target, ignore=shutil.ignore_patterns(
+        "__pycache__", "*.pyc", "*.egg-info", "build", "dist", "tests", ".*"))
+    return target
+
+
 def install(plan: InstallPlan) -> None:
     """Carry out ``plan`` (no questions asked): torch first, so that pip then finds it installed."""
     import subprocess
@@ -265,10 +275,10 @@ def install(plan: InstallPlan) -> None:
     pip_args = []
     if plan.torch == "pip":
         pip_args.append(f"torch{plan.torch_requirement}")
-    if plan.core_lib is not None:
-        pip_args.append(str(plan.core_lib))
-    if pip_args:
+    if pip_args or plan.core_lib is not None:
         with tempfile.TemporaryDirectory(prefix="dinoseg-pip-") as folder:
+            if plan.core_lib is not None:
+                pip_args.append(str(_clean_copy(plan.core_lib, Path(folder) / "core_lib")))
             constraints = Path(folder) / "constraints.txt"
             # torch is being installed from the index: do not pin the old one
             keep = [line for line in constraints_text().splitlines()

@@ -1,7 +1,7 @@
 """Stand-in for ``PythonSlicer -m pip``: the one process Slicer's packaging code starts.
 
-Run as ``PythonSlicer`` (a wrapper script on PATH), it appends its command line, and the text of any
-constraints file, to ``$PIP_RECORDER_LOG`` (JSON lines), prints what pip would print, and writes into
+Run as ``PythonSlicer`` (a wrapper script on PATH), it appends its command line, the text of any
+constraints file and a fingerprint of any project folder it is given, to ``$PIP_RECORDER_LOG`` (JSON lines), prints what pip would print, and writes into
 ``$PIP_RECORDER_SITE`` the distribution metadata that pip would leave there: METADATA, RECORD (with the
 sha256 of each installed file, as pip writes it) and direct_url.json for a local project folder, so that
 importlib.metadata (and Slicer's pip_check) see the result. ``$PIP_RECORDER_FAIL=1``: print a resolver
@@ -70,6 +70,16 @@ def install_requirement(site: Path, requirement: str, only_if_missing: bool = Fa
     return [(name, version)]
 
 
+def project_fingerprint(folder: Path) -> str:
+    """sha256 over a project folder's pyproject.toml and src/ files (names and bytes)."""
+    digest = hashlib.sha256()
+    for path in sorted([folder / "pyproject.toml", *(p for p in (folder / "src").rglob("*") if p.is_file())]):
+        if "__pycache__" in path.parts:
+            continue
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def main(argv: list[str]) -> int:
     site, log = Path(os.environ["PIP_RECORDER_SITE"]), Path(os.environ["PIP_RECORDER_LOG"])
     assert argv[:2] == ["-m", "pip"], argv
@@ -77,8 +87,9 @@ def main(argv: list[str]) -> int:
     constraints = None
     if "-c" in args:
         constraints = Path(args[args.index("-c") + 1]).read_text()
+    projects = {a: project_fingerprint(Path(a)) for a in args if (Path(a) / "pyproject.toml").is_file()}
     with log.open("a") as handle:
-        handle.write(json.dumps({"args": args, "constraints": constraints}) + "\n")
+        handle.write(json.dumps({"args": args, "constraints": constraints, "projects": projects}) + "\n")
     if os.environ.get("PIP_RECORDER_FAIL") == "1":
         print("ERROR: ResolutionImpossible: the requirements conflict with the constraints")
         return 1

@@ -158,7 +158,8 @@ def test_fresh_install_with_pytorch_extension(tmp_path):
     out = slicer.run(answers=["ok"])
     assert out["error"] is None and out["result"] is True, out
     assert len(out["dialogs"]) == 1 and "through the PyTorch extension" in out["dialogs"][0]["text"]
-    assert out["calls"][0] == {"PyTorchUtils.installTorch": {"askConfirmation": False, "torchVersionRequirement": ">=2.4"}}
+    assert out["calls"][0] == {"PyTorchUtils.installTorch": {
+        "askConfirmation": False, "torchVersionRequirement": ">=2.4", "torchvisionVersionRequirement": ">=0.19"}}
     assert [pip_args(c, slicer.core_lib) for c in out["calls"][1:]] == [["install", BUNDLED]]
     assert "torch==2.9.1+cu128\n" in out["calls"][1]["constraints"]
     assert slicer.installed("torch") == "2.9.1+cu128"
@@ -221,6 +222,24 @@ def test_pip_failure_gives_a_clear_message(slicer_513):
     assert [d["text"] for d in out["dialogs"]][1] == "Package installation failed."
     assert "ResolutionImpossible" in out["dialogs"][1]["detailedText"]
     assert slicer_513.installed("dinomed") is None
+
+
+@needs_reference
+def test_pytorch_extension_failure_gives_a_clear_message_and_stops(tmp_path):
+    slicer = StandInSlicer(tmp_path, "5.13", pytorch_extension=True)
+    out = slicer.run(answers=["ok"], fail=True)
+    assert out["error"].startswith("DependencyError: PyTorch could not be installed through the PyTorch extension")
+    assert [c for c in out["calls"] if "args" in c] == []  # core_lib is not installed without its torch
+
+
+@needs_reference
+def test_too_old_torch_is_upgraded_from_the_index(slicer_513):
+    slicer_513.install_as_pip_would()
+    pip_recorder.write_distribution(slicer_513.site, "torch", "2.1.0")
+    out = slicer_513.run(answers=["ok"])
+    assert out["result"] is True and "replacing 2.1.0" in out["dialogs"][0]["text"]
+    assert [pip_args(c, slicer_513.core_lib) for c in out["calls"]] == [["install", "torch>=2.4"]]
+    assert "torch==" not in out["calls"][0]["constraints"]  # the old torch is not pinned
 
 
 @needs_reference

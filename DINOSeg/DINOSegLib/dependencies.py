@@ -148,10 +148,12 @@ def core_lib_status(core_lib: Path, path: list[str] | None = None) -> CoreLibSta
     return CoreLibStatus(True, f"{have}, same files as the bundled copy", have)
 
 
-def _torch_requirement(core_lib: Path | None) -> str:
+def _version_requirement(core_lib: Path | None, name: str) -> str:
+    """The version specifier core_lib asks for ``name`` (``">=2.4"`` for torch), "" when it names none."""
     for requirement in core_lib_requirements(core_lib) if core_lib else []:
-        if re.match(r"^torch\b(?!vision)", requirement.strip()):
-            return requirement.split(";")[0].strip()[len("torch"):].strip()
+        match = re.match(rf"^{name}(?![\w.-])\s*([^;]*)", requirement.strip())
+        if match:
+            return match.group(1).strip()
     return ""
 
 
@@ -174,6 +176,7 @@ class InstallPlan:
     core_lib_reason: str
     torch: str | None  # None: torch is fine; "extension": through PyTorchUtils; "pip": from the package index
     torch_requirement: str = ""  # e.g. ">=2.4"
+    torchvision_requirement: str = ""
     torch_installed: str | None = None
     problems: list[str] = field(default_factory=list)  # what cannot be installed, in plain words
 
@@ -211,13 +214,14 @@ def plan_installation(force: bool = False, core_lib: Path | None = None, path: l
         status = CoreLibStatus(False, "bundled copy missing")
     else:
         status = core_lib_status(core_lib, path)
-    requirement = _torch_requirement(core_lib)
+    requirement = _version_requirement(core_lib, "torch")
     have_torch = installed_version("torch", path)
     torch_ok = have_torch is not None and (not requirement or _specifier_allows(requirement, have_torch))
     torch = None if torch_ok else ("extension" if pytorch_extension_available() else "pip")
     reinstall = core_lib is not None and (force or not status.current)
     reason = status.reason if not status.current else f"reinstall requested; {status.reason}"
-    return InstallPlan(core_lib if reinstall else None, reason, torch, requirement, have_torch, problems)
+    return InstallPlan(core_lib if reinstall else None, reason, torch, requirement,
+                       _version_requirement(core_lib, "torchvision"), have_torch, problems)
 
 
 def constraints_text(path: list[str] | None = None) -> str:
@@ -230,13 +234,22 @@ def constraints_text(path: list[str] | None = None) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def _install_torch_with_extension(requirement: str) -> None:
+def _install_torch_with_extension(torch_requirement: str, torchvision_requirement: str) -> None:
+    """PyTorchUtils.installTorch (light-the-torch picks the CUDA build); our dialog already asked."""
+    import subprocess
+
     import PyTorchUtils  # the PyTorch extension's module
 
-    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=requirement)
+    message = ("PyTorch could not be installed through the PyTorch extension. Open the 'PyTorch Utils' module to "
+               "install it (it shows why), then try again.")
+    try:
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=False, torchVersionRequirement=torch_requirement or None,
+            torchvisionVersionRequirement=torchvision_requirement or None)
+    except (subprocess.CalledProcessError, ImportError) as exc:
+        raise DependencyError(f"{message} ({exc})") from exc
     if torch is None:
-        raise DependencyError("PyTorch could not be installed through the PyTorch extension. Open the "
-                              "'PyTorch Utils' module to install it, then try again.")
+        raise DependencyError(message)
 
 
 def _pip_install(args: list[str], constraints: Path) -> None:
@@ -271,7 +284,7 @@ def install(plan: InstallPlan) -> None:
     if plan.problems:
         raise DependencyError("\n".join(plan.problems))
     if plan.torch == "extension":
-        _install_torch_with_extension(plan.torch_requirement)
+        _install_torch_with_extension(plan.torch_requirement, plan.torchvision_requirement)
     pip_args = []
     if plan.torch == "pip":
         pip_args.append(f"torch{plan.torch_requirement}")

@@ -1,5 +1,6 @@
-"""Stand-in for the PyTorch extension's ``PyTorchUtils`` module (not Slicer's code): ``installTorch`` records
-its arguments in the pip recorder's log and leaves a CUDA build of torch installed, as the extension does."""
+"""Stand-in for the PyTorch extension's ``PyTorchUtils`` module (not Slicer's code; its real installTorch has this
+signature and runs ``light_the_torch install torch<req> torchvision<req>``): records its arguments in the pip
+recorder's log and leaves a CUDA build of torch and torchvision installed, as the extension does."""
 import json
 import os
 from pathlib import Path
@@ -21,7 +22,12 @@ class PyTorchUtilsLogic:
 
         with Path(os.environ["PIP_RECORDER_LOG"]).open("a") as handle:
             handle.write(json.dumps({"PyTorchUtils.installTorch": {
-                "askConfirmation": askConfirmation, "torchVersionRequirement": torchVersionRequirement}}) + "\n")
+                "askConfirmation": askConfirmation, "torchVersionRequirement": torchVersionRequirement,
+                "torchvisionVersionRequirement": torchvisionVersionRequirement}}) + "\n")
+        if os.environ.get("PIP_RECORDER_FAIL") == "1":  # light-the-torch failed: the real call raises
+            import subprocess
+
+            raise subprocess.CalledProcessError(1, ["PythonSlicer", "-m", "light_the_torch", "install", "torch"])
         site = Path(os.environ["PIP_RECORDER_SITE"])
         pip_recorder.write_distribution(site, "torch", "2.9.1+cu128")
         pip_recorder.write_distribution(site, "torchvision", "0.24.1+cu128")

@@ -225,6 +225,15 @@ def test_pip_failure_gives_a_clear_message(slicer_513):
 
 
 @needs_reference
+def test_slicer_5_10_pip_failure_gives_a_clear_message(tmp_path):
+    slicer = StandInSlicer(tmp_path, "5.10")
+    out = slicer.run(answers=["ok"], fail=True)
+    assert out["error"].startswith("DependencyError: pip could not install")
+    assert [d["text"] for d in out["dialogs"]][1] == "Package installation failed."
+    assert "ResolutionImpossible" in out["dialogs"][1]["detailedText"]
+
+
+@needs_reference
 def test_pytorch_extension_failure_gives_a_clear_message_and_stops(tmp_path):
     slicer = StandInSlicer(tmp_path, "5.13", pytorch_extension=True)
     out = slicer.run(answers=["ok"], fail=True)
@@ -253,9 +262,11 @@ def test_missing_bundled_core_lib_is_reported_and_nothing_comes_from_the_index(s
 @needs_reference
 @pytest.mark.parametrize("pytorch_extension", [False, True])
 def test_slicer_5_10_without_slicer_packaging(tmp_path, pytorch_extension):
-    """5.10: slicer.util.pip_install (blocking), the same requirements and a -c constraints argument."""
+    """5.10: the same requirements and a -c constraints argument, pip started through slicer.util's
+    launchConsoleProcess and watched from a progress dialog (5.10's own pip_install would freeze Slicer)."""
     slicer = StandInSlicer(tmp_path, "5.10", pytorch_extension=pytorch_extension)
     out = slicer.run(answers=["ok"])
+    assert "5.10 pip_install called" not in out["log"]
     assert out["error"] is None and out["result"] is True, out
     assert len(out["dialogs"]) == 1
     pip_calls = [c for c in out["calls"] if "args" in c]

@@ -14,8 +14,9 @@ Slicer >= 5.11 has ``slicer.packaging``: ``pip_install(..., constraints=, reques
 dialog (the GUI stays responsive) and its error dialog with pip's log. ``pip_ensure`` is not used on purpose:
 its ``pip_check`` takes a URL requirement (``dinomed @ file://…``) as met by any installed version, and its
 ``skip_packages`` path rebuilds each requirement as name + version (``pip install dinomed`` from the index).
-Slicer 5.10 has no ``slicer.packaging``; there ``slicer.util.pip_install`` runs pip and logs its output
-(the GUI repaints on each line of pip's output but is otherwise busy until pip ends).
+Slicer 5.10 has no ``slicer.packaging``, and its ``slicer.util.pip_install`` reads pip's output on the GUI
+thread until pip ends; there pip is started with ``slicer.util.launchConsoleProcess`` and watched from a progress
+dialog (with Cancel) while Slicer keeps processing events.
 
 Nothing here imports torch or dinomed: installed versions come from ``importlib.metadata``.
 """
@@ -253,10 +254,8 @@ def _install_torch_with_extension(torch_requirement: str, torchvision_requiremen
 
 
 def _pip_install(args: list[str], constraints: Path) -> None:
-    """pip install through Slicer: ``slicer.packaging`` (>= 5.11) with its progress dialog, else
-    ``slicer.util.pip_install`` (5.10)."""
-    import slicer
-
+    """pip install through Slicer: ``slicer.packaging.pip_install`` (>= 5.11) with its progress dialog, else
+    (5.10) pip started with ``slicer.util.launchConsoleProcess`` under a progress dialog of our own."""
     try:
         from slicer import packaging as slicer_packaging  # Slicer >= 5.11
     except ImportError:
@@ -265,7 +264,50 @@ def _pip_install(args: list[str], constraints: Path) -> None:
         slicer_packaging.pip_install(args, constraints=str(constraints), requester=REQUESTER,
                                      blocking=True, show_progress=True)
     else:
-        slicer.util.pip_install([*args, "-c", str(constraints)])
+        _pip_install_with_progress(["install", *args, "-c", str(constraints)])
+
+
+def _pip_install_with_progress(pip_args: list[str]) -> None:
+    """Slicer 5.10: its ``slicer.util.pip_install`` reads pip's output on the GUI thread until pip ends (Slicer
+    is frozen during a download). Here pip runs with ``launchConsoleProcess`` (as 5.10's pip_install does), a
+    thread reads its output, and the GUI thread keeps processing events under a progress dialog that shows
+    pip's latest line; Cancel ends pip. Failure: Slicer's error popup with pip's log, then CalledProcessError."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import slicer
+
+    python = shutil.which("PythonSlicer") or os.path.join(os.path.dirname(sys.executable), "PythonSlicer")
+    proc = slicer.util.launchConsoleProcess([python, "-m", "pip", *pip_args], useStartupEnvironment=False)
+    lines: list[str] = []
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    dialog = slicer.util.createProgressDialog(windowTitle=f"{REQUESTER} - Installing Python packages",
+                                              labelText="Installing Python packages…", maximum=0)
+    try:
+        while proc.poll() is None or reader.is_alive():
+            if dialog.wasCanceled and proc.poll() is None:
+                proc.terminate()
+            if lines:
+                dialog.labelText = lines[-1][:120]
+            slicer.app.processEvents()
+            time.sleep(0.05)
+    finally:
+        dialog.close()
+    print("\n".join(lines))  # the Python console keeps pip's log
+    if proc.returncode != 0:
+        slicer.util.errorDisplay("Package installation failed.", windowTitle=f"{REQUESTER} - Installation failed",
+                                 detailedText="\n".join(lines))
+        raise subprocess.CalledProcessError(proc.returncode, proc.args)
 
 
 def _clean_copy(core_lib: Path, target: Path) -> Path:

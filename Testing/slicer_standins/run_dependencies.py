@@ -25,7 +25,10 @@ if scenario["slicer"] == "5.10":
     assert importlib.util.find_spec("slicer.packaging") is None
 
     def pip_install_5_10(requirements):
+        import logging
         import shlex
+
+        logging.warning("5.10 pip_install called")
 
         if type(requirements) == str:
             args = "install", *(shlex.split(requirements))

@@ -197,6 +197,22 @@ def test_extension_update_reinstalls_the_bundled_core_lib(slicer_513, change):
 
 
 @needs_reference
+def test_simpleitk_without_metadata_is_left_alone(slicer_513):
+    """Where Slicer's SimpleITK is importable but has no pip metadata (a constraint cannot pin it), core_lib
+    goes in with --no-deps and then its dependencies without SimpleITK."""
+    shutil.rmtree(next(slicer_513.site.glob("SimpleITK-*.dist-info")))
+    (slicer_513.site / "SimpleITK").mkdir()
+    (slicer_513.site / "SimpleITK" / "__init__.py").write_text("")
+    out = slicer_513.run(answers=["ok"])
+    assert out["result"] is True and out["error"] is None, out
+    calls = [pip_args(c, slicer_513.core_lib) for c in out["calls"]]
+    assert calls[0] == ["install", "--no-deps", BUNDLED]
+    assert calls[1][:2] == ["install", "torch>=2.4"] and "monai>=1.4" in calls[1]
+    assert not any(a.lower().startswith("simpleitk") for call in calls for a in call)
+    assert f"numpy=={SLICER_NUMPY}" in out["calls"][1]["constraints"]
+
+
+@needs_reference
 def test_user_declines_returns_false_without_error_or_pip(slicer_513):
     out = slicer_513.run(answers=["cancel"])
     assert out["result"] is False and out["error"] is None

@@ -164,7 +164,10 @@ def pytorch_extension_available() -> bool:
 
 
 def _specifier_allows(specifier: str, version: str) -> bool:
-    from packaging.specifiers import SpecifierSet  # shipped with Slicer (and with pip)
+    try:
+        from packaging.specifiers import SpecifierSet  # in Slicer's Python (slicer.packaging uses it)
+    except ImportError:  # pragma: no cover - pip always carries a copy
+        from pip._vendor.packaging.specifiers import SpecifierSet
 
     return SpecifierSet(specifier).contains(version, prereleases=True)
 
@@ -223,6 +226,20 @@ def plan_installation(force: bool = False, core_lib: Path | None = None, path: l
     reason = status.reason if not status.current else f"reinstall requested; {status.reason}"
     return InstallPlan(core_lib if reinstall else None, reason, torch, requirement,
                        _version_requirement(core_lib, "torchvision"), have_torch, problems)
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _requirement_name(requirement: str) -> str:
+    return _canonical(re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement).group(1))
+
+
+def unmanaged_slicer_packages() -> list[str]:
+    """Slicer's own packages that Python can import but pip cannot see (no distribution metadata)."""
+    return [name for name in SLICER_PACKAGES
+            if installed_version(name) is None and importlib.util.find_spec(name) is not None]
 
 
 def constraints_text(path: list[str] | None = None) -> str:
@@ -332,20 +349,34 @@ def install(plan: InstallPlan) -> None:
         pip_args.append(f"torch{plan.torch_requirement}")
     if pip_args or plan.core_lib is not None:
         with tempfile.TemporaryDirectory(prefix="dinoseg-pip-") as folder:
+            calls = []
             if plan.core_lib is not None:
-                pip_args.append(str(_clean_copy(plan.core_lib, Path(folder) / "core_lib")))
+                copy = str(_clean_copy(plan.core_lib, Path(folder) / "core_lib"))
+                unmanaged = unmanaged_slicer_packages()
+                if unmanaged:
+                    # a package Slicer ships without pip metadata (a constraint cannot protect it): core_lib
+                    # without its dependencies, then those dependencies but that package
+                    calls.append(["--no-deps", copy])
+                    pip_args += [r for r in core_lib_requirements(plan.core_lib)
+                                 if _requirement_name(r) not in {_canonical(n) for n in unmanaged}]
+                else:
+                    pip_args.append(copy)
+            if pip_args:
+                calls.append(pip_args)
             constraints = Path(folder) / "constraints.txt"
             # torch is being installed from the index: do not pin the old one
             keep = [line for line in constraints_text().splitlines()
                     if not (plan.torch == "pip" and line.startswith("torch=="))]
             constraints.write_text("".join(line + "\n" for line in keep))
-            try:
-                _pip_install(pip_args, constraints)
-            except subprocess.CalledProcessError as exc:
-                raise DependencyError(
-                    f"pip could not install {' and '.join(plan.describe())} (pip exited with status {exc.returncode}). "
-                    "The Python console shows pip's messages. Check the network connection; if pip reports a "
-                    f"conflict with Slicer's own packages ({', '.join(SLICER_PACKAGES)}), please report it.") from exc
+            for args in calls:
+                try:
+                    _pip_install(args, constraints)
+                except subprocess.CalledProcessError as exc:
+                    raise DependencyError(
+                        f"pip could not install {' and '.join(plan.describe())} (pip exited with status "
+                        f"{exc.returncode}). The Python console shows pip's messages. Check the network connection; "
+                        f"if pip reports a conflict with Slicer's own packages ({', '.join(SLICER_PACKAGES)}), "
+                        "please report it.") from exc
     importlib.invalidate_caches()
 
 

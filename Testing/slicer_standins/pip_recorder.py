@@ -43,7 +43,7 @@ def write_distribution(site: Path, name: str, version: str, requires=(), files: 
     (info / "RECORD").write_text("\n".join(rows) + "\n")
 
 
-def install_project(site: Path, folder: Path) -> list[tuple[str, str]]:
+def install_project(site: Path, folder: Path, no_deps: bool = False) -> list[tuple[str, str]]:
     """What ``pip install <folder>`` leaves for the core_lib project, plus any of its missing dependencies
     (at the lowest version they allow). Returns the (name, version) pairs installed."""
     import tomllib
@@ -55,7 +55,7 @@ def install_project(site: Path, folder: Path) -> list[tuple[str, str]]:
     write_distribution(site, project["name"], project["version"], project.get("dependencies", []), files,
                        {"url": folder.resolve().as_uri(), "dir_info": {}})
     installed = [(project["name"], project["version"])]
-    for requirement in project.get("dependencies", []):
+    for requirement in [] if no_deps else project.get("dependencies", []):
         installed += install_requirement(site, requirement, only_if_missing=True)
     return installed
 
@@ -102,7 +102,8 @@ def main(argv: list[str]) -> int:
             skip_next = arg in ("-c", "-r", "--index-url", "--extra-index-url")
             continue
         path = Path(arg)
-        installed += install_project(site, path) if (path / "pyproject.toml").is_file() else install_requirement(site, arg)
+        installed += (install_project(site, path, no_deps="--no-deps" in args) if (path / "pyproject.toml").is_file()
+                      else install_requirement(site, arg))
     print("Successfully installed " + " ".join(f"{n}-{v}" for n, v in installed))
     return 0
 

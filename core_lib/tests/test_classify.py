@@ -328,3 +328,23 @@ def test_2d_images_are_one_slice_each(tmp_path):
     fs = extract_feature_set({c: {"CT": p} for c, p in images.items()}, extractor, device="cpu", resize=32)
     assert list(fs.offsets) == [0, 1, 2, 3, 4] and fs.patch.shape == (4, 64)
     assert np.allclose(fs.volume_vectors("patch"), fs.patch)
+
+
+def test_extract_with_a_model_folders_encoders(tmp_path):
+    """A model folder's encoder with its own inputs (CT + PET) and normalisation, as ``dinomed features`` uses it."""
+    from dinomed.commands.demo import DEMO_MODEL_DIR
+
+    if not (DEMO_MODEL_DIR / "model.json").is_file():
+        pytest.skip(f"the bundled demo model is not there ({DEMO_MODEL_DIR})")
+    from dinomed.synthetic.writers import write_nnunet_dataset
+
+    write_nnunet_dataset(tmp_path / "ds", range(3), shape=(8, 32, 32))
+    out = tmp_path / "f.npz"
+    args = ["classify", "extract", "--images", str(tmp_path / "ds" / "imagesTr"), "--glob", "*_0000.nii.gz",
+            "--model", str(DEMO_MODEL_DIR), "--out", str(out), "--no-cache", "--device", "cpu"]
+    assert main(args) == 2  # the model reads CT and PET: the PET files must be named
+    assert main([*args, "--pet-glob", "*_0001.nii.gz"]) == 0
+    fs = FeatureSet.load(out)
+    assert fs.meta["model"]["kind"] == "model" and fs.meta["modalities"] == ["CT", "PET"]
+    assert fs.case_ids == ["case_0000", "case_0001", "case_0002"] and fs.offsets[-1] == 24
+    assert all(set(files) == {"CT", "PET"} for files in fs.meta["files"].values())

@@ -82,6 +82,7 @@ def _mil_bags(n, dim=16, seed=0):
     return bags, np.array(y, np.float32)[:, None]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["gated", "plain"])
 def test_abmil_trains_and_finds_the_key_instance(attention):
     from sklearn.metrics import roc_auc_score

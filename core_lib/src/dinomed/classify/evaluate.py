@@ -71,7 +71,7 @@ def run_classifier(method: str, features: FeatureSet, table: LabelTable, folds_b
             bags = {p: features.bags(token, parts[p]) for p in ("train", *query_parts)}
 
             def on_epoch(epoch, loss, _seed=seed, _fold=fold.name):
-                if events is not None:
+                if events is not None and (epoch % 5 == 0 or epoch == params.get("epochs", 20)):
                     events.metric(seed=_seed, fold=_fold, epoch=epoch, loss=round(loss, 6))
 
             probs, log, _ = abmil(bags["train"], train_t, [bags[p] for p in query_parts], task=table.task,

@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "export_backbone",
     "info",
     "demo",
+    "classify",
 )
 
 

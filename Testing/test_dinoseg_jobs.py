@@ -4,7 +4,6 @@ Each test drives the job the way a front-end does: ``tick()`` from a loop standi
 from __future__ import annotations
 
 import signal
-import sys
 import textwrap
 import time
 

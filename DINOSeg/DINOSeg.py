@@ -161,6 +161,10 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.timeout.connect(self._onTimer)
+        # completes the cosine map in short steps after a point is placed or dropped (the GUI stays live)
+        self._refineTimer = qt.QTimer()
+        self._refineTimer.setInterval(30)
+        self._refineTimer.timeout.connect(self._onRefineTimer)
 
     # -- setup ----------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -200,6 +204,7 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self._timer.stop()
+        self._refineTimer.stop()
         self.removeObservers()
         if self._follower:
             self._follower.stop()
@@ -224,6 +229,7 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # the job's inputs are about to go: end it (its on_finish sees CANCELLED and touches no node)
         if self._task is not None:
             self._task.job.cancel()
+        self._refineTimer.stop()
         if self._follower:
             self._follower.stop()
             self._follower = None
@@ -440,11 +446,17 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.similarityPointPlaceWidget.setCurrentNode(point)
         if self._follower:
             self._follower.stop()
-        # the follower shows its map in the slice views as soon as the first point is placed
-        self._follower = features.CosineMapFollower(slicer.mrmlScene, p.ctVolume, grid)
+        # the follower shows its map in the slice views as soon as the first point is placed; the planes
+        # in view come at once, the rest of the map in steps of the refine timer
+        self._follower = features.CosineMapFollower(slicer.mrmlScene, p.ctVolume, grid, progressive=True)
         self._follower.follow(point)
+        self._refineTimer.start()
         self.ui.similarityPointPlaceWidget.setPlaceModeEnabled(True)
         self._setStatus("Place or drag the point: the map follows it.")
+
+    def _onRefineTimer(self) -> None:
+        if self._follower is not None and self._follower.pending:
+            self._follower.refine(budget_s=0.04)
 
     # -- training set ---------------------------------------------------------------------------------
     def onAddCase(self) -> None:

@@ -168,6 +168,38 @@ def test_a_drag_updates_the_planes_in_view_then_the_whole_map(scene, ct, grid):
     np.testing.assert_allclose(volumes.array_from_volume(follower.volume), full, atol=1e-6)
 
 
+def test_progressive_whole_map_shows_the_views_first_then_refines(scene, ct, grid):
+    follower = features.CosineMapFollower(scene, ct, grid, progressive=True)
+    point = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Similarity point")
+    follower.follow(point)
+    ijk = (30, 40, 4)
+    point.AddControlPoint(*(volumes.ijk_to_ras(ct) @ np.array([*ijk, 1.0]))[:3])  # placed: not dragging
+    full = grid.cosine_map_features(ijk)
+    cell = grid.feature_index(ijk)
+    assert follower.last_planes == [(0, cell[0]), (1, cell[1]), (2, cell[2])]  # no view inside the CT
+    assert follower.pending and cell[0] not in follower.pending
+    first = volumes.array_from_volume(follower.volume)
+    np.testing.assert_allclose(first[cell[0]], full[cell[0]], atol=1e-6)
+    not_yet = list(follower.pending)
+    computed = np.zeros(full.shape, dtype=bool)
+    computed[cell[0]] = computed[:, cell[1]] = computed[:, :, cell[2]] = True
+    np.testing.assert_allclose(first[computed], full[computed], atol=1e-6)
+    assert (first[~computed] == -1).all()  # not drawn yet (below the display threshold)
+    steps = 0
+    while not follower.refine(budget_s=0.0):  # one plane per call
+        steps += 1
+    assert steps == len(not_yet) - 1
+    np.testing.assert_allclose(volumes.array_from_volume(follower.volume), full, atol=1e-6)
+    point.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointStartInteractionEvent)
+    point.SetNthControlPointPosition(0, *(volumes.ijk_to_ras(ct) @ np.array([3, 4, 1, 1.0]))[:3])
+    assert follower.pending == []  # a drag computes only what is in view
+    point.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
+    assert follower.pending  # the end of the drag: the rest of the map follows
+    while not follower.refine():
+        pass
+    np.testing.assert_allclose(volumes.array_from_volume(follower.volume), grid.cosine_map_features((3, 4, 1)), atol=1e-6)
+
+
 def test_the_axial_view_plane_is_among_the_planes_in_view(scene, ct, grid):
     slice_node = scene.GetFirstNodeByClass("vtkMRMLSliceNode")  # axial; the CT is tilted in-plane only
     centre = volumes.ijk_to_ras(ct) @ np.array([0, 0, 3, 1.0])

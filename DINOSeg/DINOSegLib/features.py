@@ -291,12 +291,15 @@ class CosineMapFollower:
 
     The volume is at feature resolution (see the module docstring). While the point is dragged
     (between the markups' Start/EndInteraction events) only :func:`feature_planes_in_view` are recomputed;
-    otherwise (placing, a programmatic move, the end of a drag) the whole map. With ``show`` the map is put
-    in the slice views' foreground when it is first made, so the first placed point's map is seen.
-    VTK observers, no Qt."""
+    otherwise (placing, a programmatic move, the end of a drag) the whole map. With ``progressive`` the whole
+    map is not computed at once: the planes in view are, and the rest waits in :attr:`pending` for
+    :meth:`refine`, which the front-end's timer calls (a few axial planes per call), so the GUI never stalls
+    for the ~0.7 s a whole 300×32×32 map takes; cells not computed yet are -1 (below the display threshold,
+    so not drawn). With ``show`` the map is put in the slice views' foreground when it is first made, so the
+    first placed point's map is seen. VTK observers, no Qt."""
 
     def __init__(self, scene, image_node, grid: FeatureGrid, volume_node=None, name: str = "Cosine similarity",
-                 show: bool = True, opacity: float = 0.5):
+                 show: bool = True, opacity: float = 0.5, progressive: bool = False):
         shape = tuple(reversed(image_node.GetImageData().GetDimensions()))
         if shape != grid.image_shape:
             raise FeatureCacheError(f"the features describe an image of {grid.image_shape} voxels but "
@@ -311,7 +314,9 @@ class CosineMapFollower:
         self.point_index: np.ndarray | None = None
         self.dragging = False
         self.last_planes: list[tuple[int, int]] | None = None  # None: the last update was the whole map
-        self._map = np.zeros(grid.grid_shape, dtype=np.float32)
+        self.progressive = progressive
+        self.pending: list[int] = []  # axial planes of the feature grid still to compute for the current point
+        self._map = np.full(grid.grid_shape, -1.0, dtype=np.float32)
         self._markups = None
         self._observers: list[int] = []
 
@@ -329,8 +334,16 @@ class CosineMapFollower:
         the whole map; ``whole`` forces either); returns the volume node."""
         self.point_index = self.world_to_ijk(ras_world)
         whole = (not self.dragging or self.volume is None) if whole is None else whole
-        self.last_planes = None if whole else feature_planes_in_view(self.scene, self.image, self.grid,
-                                                                     self.point_index)
+        if whole and not self.progressive:
+            self.last_planes = None
+            self.pending = []
+        else:
+            self.last_planes = feature_planes_in_view(self.scene, self.image, self.grid, self.point_index)
+            # the rest of the whole map follows in refine(); while dragging it waits for the end of the drag
+            done = {index for axis, index in self.last_planes if axis == 0}
+            centre = self.grid.feature_index(self.point_index)[0]
+            self.pending = sorted((z for z in range(self.grid.grid_shape[0]) if z not in done),
+                                  key=lambda z: abs(z - centre)) if whole else []
         self.grid.cosine_map_features(self.point_index, planes=self.last_planes, out=self._map)
         first = self.volume is None
         self.volume = add_feature_map_volume(self.scene, self._map, self.image, self.grid, self.name, node=self.volume)
@@ -341,6 +354,21 @@ class CosineMapFollower:
 
                 show_overlay(self.scene, self.volume, self.opacity)
         return self.volume
+
+    def refine(self, budget_s: float = 0.05) -> bool:
+        """Compute more of the pending whole map (axial planes, nearest to the point first) for about
+        ``budget_s`` seconds and show it; True when the map is complete."""
+        if not self.pending or self.point_index is None:
+            return True
+        import time
+
+        start = time.perf_counter()
+        done = []
+        while self.pending and (not done or time.perf_counter() - start < budget_s):
+            done.append(self.pending.pop(0))
+            self.grid.cosine_map_features(self.point_index, planes=[(0, done[-1])], out=self._map)
+        self.volume = add_feature_map_volume(self.scene, self._map, self.image, self.grid, self.name, node=self.volume)
+        return not self.pending
 
     def follow(self, markups_node, point: int = 0) -> None:
         """Observe ``markups_node``: whenever its ``point`` moves (or is placed), update the map."""
@@ -381,6 +409,7 @@ class CosineMapFollower:
         self._observers.clear()
         self._markups = None
         self.dragging = False
+        self.pending = []
 
 
 class FeatureGridCache:

@@ -191,6 +191,9 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
+        # a folder chooser (set here, not in the .ui: the .ui smoke test's placeholders cannot read flag sets)
+        self.ui.datasetPathLineEdit.filters = (ctk.ctkPathLineEdit.Dirs | ctk.ctkPathLineEdit.Drives
+                                               | ctk.ctkPathLineEdit.Readable)
         self.logic = DINOSegModuleLogic()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)

@@ -81,6 +81,8 @@ def test_recipe_trains(name, dataset, tmp_path):
     model, mj = load_model_folder(tmp_path / name)
     assert mj["architecture"]["name"] == load_config(name)["model"]["name"]
     assert mj["inference"]["mode"] == ("sliding3d" if name == "slicewise3d" else "slicewise2d")
+    if name == "meddinov3":  # trained at the high-resolution input scale, recorded for dinomed segment
+        assert mj["preprocessing"]["input_scale"] == 1.75 and mj["preprocessing"]["target_spacing"] is None
     if name in ("linear_probe", "slicewise3d"):  # frozen baselines: the backbone did not move
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert trainable and not any("backbone" in n for n in trainable)

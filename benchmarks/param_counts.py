@@ -77,6 +77,11 @@ def dinomed3d_official(e: int, depth: int, nc: int = NUM_CLASSES, c: int = 256, 
     return dinov3_vit(e, depth) + lora(e, depth) + adapter + upernet + gate + hrse + refine
 
 
+def dinomed3d_stage1_official(e: int, depth: int, nc: int = NUM_CLASSES) -> int:
+    """Stage1Model: the DINOv3 ViT (K = 3 slices in its RGB patch embedding) + a 1x1 conv head."""
+    return dinov3_vit(e, depth) + e * nc + nc
+
+
 def meddinov3_official(e: int, depth: int, nc: int = NUM_CLASSES) -> int:
     ch = [4 * e]
     for _ in range(4):
@@ -93,7 +98,7 @@ MODELS = [
     ("slicewise3d (frozen, 3D decoder)", {"name": "slicewise3d", "in_chans": 1}, None, None),
     ("slicewise3d head=linear", {"name": "slicewise3d", "in_chans": 1, "head": "linear"}, None, None),
     ("linear_probe (2D)", {"name": "linear_probe", "in_chans": 1}, None, None),
-    ("dinomed3d stage I", {"name": "dinomed3d", "in_chans": 1, "stage": 1}, None, None),
+    ("dinomed3d stage I", {"name": "dinomed3d", "in_chans": 1, "stage": 1}, dinomed3d_stage1_official, None),
     ("dinomed3d stage II", {"name": "dinomed3d", "in_chans": 1, "stage": 2}, dinomed3d_official, (47, 112, 334)),
     ("dual_petct dual", {"name": "dual_petct", "variant": "dual"}, None, None),
     ("dual_petct pet_only", {"name": "dual_petct", "variant": "pet_only"}, None, None),

@@ -151,6 +151,8 @@ def test_one_training_step_moves_lora_and_new_layers_only():
     x, y = torch.randn(1, 2, 3, 32, 32), torch.randint(0, 3, (1, 3, 32, 32))
     model.train()
     F.cross_entropy(model(x), y).backward()
+    # every trainable parameter takes part (DDP needs no find_unused_parameters)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     opt.step()
     after = dict(model.named_parameters())
     assert all(torch.equal(after[n], v) for n, v in frozen.items())

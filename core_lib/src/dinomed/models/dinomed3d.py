@@ -217,7 +217,7 @@ class UperNet3D(nn.Module):
     """UperNet (Xiao et al., 2018) in 3D as the official ``UPerNet3DDecoder``: PPM on the coarsest level, top-down
     FPN, the four levels fused at the finest; ``cls`` classifies its output (used without the detail stream)."""
 
-    def __init__(self, in_channels: int, channels: int, bins: list[int], num_classes: int):
+    def __init__(self, in_channels: int, channels: int, bins: list[int], num_classes: int | None):
         super().__init__()
         quarter = channels // 4
         self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool3d(b), nn.Conv3d(in_channels, quarter, 1), _gn(quarter),
@@ -230,7 +230,8 @@ class UperNet3D(nn.Module):
                                      for _ in range(3))
         self.fuse = nn.Sequential(nn.Conv3d(channels * 4, channels, 3, padding=1), _gn(channels), nn.PReLU(),
                                   nn.Dropout(0.1))
-        self.cls = nn.Conv3d(channels, num_classes, 1)
+        # built only when used (no detail stream), so that no parameter goes without a gradient (DDP)
+        self.cls = nn.Conv3d(channels, num_classes, 1) if num_classes else None
 
     def forward(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
         top = pyramid[-1]
@@ -374,7 +375,8 @@ class DINOMed3D(nn.Module):
                 raise DinomedError(f"dinomed3d: stage II needs 4 aggregation layers, found {len(self.layers)}")
             _add_lora(self.backbone, cfg)
             self.adapter = VolumetricAdapter(embed, width)
-            self.decoder = UperNet3D(width, int(cfg["decoder_channels"]), list(cfg["ppm_bins"]), self.num_classes)
+            self.decoder = UperNet3D(width, int(cfg["decoder_channels"]), list(cfg["ppm_bins"]),
+                                     None if self.use_det else self.num_classes)
             if self.use_det:
                 self.fusion = GatedFusion(width)
         if self.use_det:

@@ -184,7 +184,8 @@ def model_json_template(
     if len(inputs) != in_chans:
         raise DinomedError(f"model_json_template: {len(inputs)} input(s) given for a model with {in_chans} channel(s)")
     if preprocessing is None:
-        preprocessing = {"target_spacing": None, "channels": [default_spec(i["modality"]) for i in inputs]}
+        preprocessing = {"target_spacing": None, "input_scale": 1.0,
+                         "channels": [default_spec(i["modality"]) for i in inputs]}
     if inference is None:
         inference = {}
     if entry.inference_mode == "slicewise2d":

@@ -100,3 +100,19 @@ def test_old_model_json_is_read_with_input_skips():
     old = {k: v for k, v in resolve_config(CFG).items() if k != "input_skips"}  # as an earlier dinomed wrote it
     assert upgrade_model_json({"architecture": old})["architecture"]["input_skips"] is True
     assert resolve_config(CFG)["input_skips"] is False
+
+
+def test_one_training_step_moves_the_decoder_only():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = build_model(CFG)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)  # the paper's lr
+    x, y = torch.randn(1, 2, 3, 32, 32), torch.randint(0, 3, (1, 3, 32, 32))
+    model.train()
+    F.cross_entropy(model(x), y).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    opt.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.startswith("decoder.") for n in moved)

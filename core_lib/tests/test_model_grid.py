@@ -99,3 +99,19 @@ def test_a_real_model_segments_through_its_model_grid_and_lands_on_the_ct(tmp_pa
     offset = np.asarray(ct.TransformContinuousIndexToPhysicalPoint(tuple(map(float, found)))) - \
         np.asarray(ct.TransformContinuousIndexToPhysicalPoint(tuple(map(float, expected))))
     assert np.linalg.norm(offset) < 2 * max(native.GetSpacing()), offset
+
+
+def test_two_channel_model_on_its_model_grid(tmp_path):
+    """CT and PET both resampled to the model grid (each channel's array outlives its resampled image)."""
+    from dinomed.petct import resample_to_reference
+
+    model, model_json = load_model_folder(REPO / "Resources" / "Models" / "demo")  # CT + PET
+    phantom = make_phantom(5, shape=(16, 64, 64), n_lesions=2)
+    pet = resample_to_reference(phantom.pet, phantom.ct)
+    spacing = [2 * s for s in phantom.ct.GetSpacing()]
+    model_json = dict(model_json, preprocessing={**model_json["preprocessing"], "target_spacing": spacing,
+                                                 "input_scale": 1.5})
+    labels = segment_images(model, model_json, phantom.ct, pet)
+    assert labels.GetSize() == phantom.ct.GetSize() and labels.GetOrigin() == phantom.ct.GetOrigin()
+    assert labels.GetSpacing() == phantom.ct.GetSpacing() and labels.GetDirection() == phantom.ct.GetDirection()
+    assert sitk.GetArrayViewFromImage(labels).max() > 0

@@ -191,9 +191,12 @@ def model_channels(model_json: dict, ct: sitk.Image, pet: sitk.Image | None, gri
         else:
             raise DinomedError(f"model {model_json.get('name', '?')!r}: unsupported input modality {mod!r}; expected CT or PET")
         if grid is not None:
-            image = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), grid, sitk.Transform(), sitk.sitkLinear,
-                                  -1000.0 if mod == "CT" else 0.0, sitk.sitkFloat32)
-        arrays.append(sitk.GetArrayViewFromImage(image))
+            resampled = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), grid, sitk.Transform(), sitk.sitkLinear,
+                                      -1000.0 if mod == "CT" else 0.0, sitk.sitkFloat32)
+            # a copy: a view would outlive the resampled image it looks into (freed at the next channel)
+            arrays.append(sitk.GetArrayFromImage(resampled))
+        else:
+            arrays.append(sitk.GetArrayViewFromImage(image))  # ct and pet outlive this function
     return normalize_channels(arrays, specs)
 
 

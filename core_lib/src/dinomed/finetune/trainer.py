@@ -127,6 +127,23 @@ def parameter_groups(model: nn.Module, optim_cfg: dict) -> list[dict]:
     return out
 
 
+def lr_factor(schedule: str, warmup_steps: int, max_steps: int, min_ratio: float):
+    """The LambdaLR factor of ``optim.schedule``: ``cosine`` (:func:`warmup_cosine`), ``linear`` (warm-up, then
+    ``1 - progress``: the poly-1.0 decay of the MedDINOv3 trainer) or ``plateau`` (warm-up, then 1; the plateau
+    scheduler takes over)."""
+    if schedule == "cosine":
+        return warmup_cosine(warmup_steps, max_steps, min_ratio)
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "plateau":
+            return 1.0
+        return max(0.0, 1.0 - (step - warmup_steps) / max(1, max_steps - warmup_steps))
+
+    return factor
+
+
 def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float):
     """Learning-rate factor: linear warm-up to 1 over ``warmup_steps``, then cosine down to ``min_ratio``."""
 
@@ -293,11 +310,15 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
         if cfg["init_from"] and not resume:
             copied, total = init_from_model_folder(model, cfg["init_from"])
             events.log(f"initialised {copied} of {total} tensors from {cfg['init_from']}")
-        channel_specs = cfg.get("preprocessing") or [default_spec(m) for m in cfg["inputs"]]
+        pre_cfg = cfg["preprocessing"]
+        channel_specs = pre_cfg["channels"] or [default_spec(m) for m in cfg["inputs"]]
+        # what dinomed segment needs to see the input as training did: spacing, high-resolution scale, normalisation
+        preprocessing = {"target_spacing": pre_cfg["target_spacing"], "input_scale": float(pre_cfg["input_scale"]),
+                         "channels": channel_specs}
         inference = dict(cfg["inference"])
         model_json = model_json_template(
             model, name=cfg["name"], labels=spec.labels.entries, inputs=list(cfg["inputs"]),
-            preprocessing={"target_spacing": None, "channels": channel_specs}, inference=inference,
+            preprocessing=preprocessing, inference=inference,
         )
         if entry.spatial_dims == 3 and "roi_size" not in inference:
             model_json["inference"]["roi_size"] = list(data_cfg["patch_size"])
@@ -307,7 +328,7 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
 
         def load(name: str):
             if name not in cases_cache:
-                cases_cache[name] = load_case(spec, spec.case(name), channel_specs)
+                cases_cache[name] = load_case(spec, spec.case(name), channel_specs, preprocessing)
             return cases_cache[name]
 
         val_cases = [load(n) for n in val_names] if dist_info.main else []
@@ -316,8 +337,13 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
         betas = tuple(float(b) for b in optim_cfg["betas"])
         optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "param_names"} for g in groups], betas=betas)
         max_steps = int(train_cfg["max_steps"])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(int(optim_cfg["warmup_steps"]), max_steps, float(optim_cfg["min_lr_ratio"])))
+        warmup_steps = int(optim_cfg["warmup_steps"])
+        schedule = optim_cfg["schedule"]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(schedule, warmup_steps, max_steps,
+                                                                           float(optim_cfg["min_lr_ratio"])))
+        # plateau: after warm-up the LambdaLR stops and ReduceLROnPlateau owns the learning rate (official DINO-Med3D)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=float(optim_cfg["plateau_factor"]), patience=int(optim_cfg["plateau_patience"]))
         amp = train_cfg["amp"]
         amp_dtype = None
         if device.type == "cuda" and amp not in ("off", False, None):
@@ -338,6 +364,8 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            if "plateau" in state:
+                plateau.load_state_dict(state["plateau"])
             scaler.load_state_dict(state["scaler"])
             step, best_dice = int(state["step"]), float(state["best_dice"])
             best_step = int(state["best_step"]) if state["best_step"] >= 0 else None
@@ -392,6 +420,7 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
             return {
                 "format": "dinomed-finetune-state/1", "step": step, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "plateau": plateau.state_dict(),
                 "rng": rng, "best_dice": best_dice, "best_step": -1 if best_step is None else best_step,
                 "config": json.dumps(cfg), "history": json.dumps(history),
                 "train_cases": train_names, "val_cases": val_names,
@@ -413,6 +442,8 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
                 history.append(record)
                 events.metric(**record)
                 score = scores["dice"] if math.isfinite(scores["dice"]) else -1.0
+                if schedule == "plateau" and step >= warmup_steps:
+                    plateau.step(score)
                 if score > best_dice or best_step is None:
                     best_dice, best_step = score, step
                     model_json["provenance"] = {**model_json["provenance"], **provenance_base,
@@ -444,7 +475,8 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
                     torch.nn.utils.clip_grad_norm_(model.parameters(), float(optim_cfg["grad_clip"]))
                 scaler.step(optimizer)
                 scaler.update()
-                scheduler.step()
+                if schedule != "plateau" or step < warmup_steps:
+                    scheduler.step()
                 step += 1
                 loss_value = loss.detach()
                 out_of_time = max_seconds is not None and clock() - started >= float(max_seconds)

@@ -12,6 +12,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--kind", choices=("finetune", "pretrain"), default=None, help="only this kind of recipe")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    p.add_argument("--events", action="store_true", help="one done event whose 'recipes' field holds the JSON list")
     p.set_defaults(func=run)
 
 
@@ -21,6 +22,11 @@ def run(args) -> int:
     from ..recipes import list_recipes
 
     recipes = list_recipes(args.kind)
+    if args.events:
+        from ..events import EventWriter
+
+        EventWriter(enabled=True).done(recipes=[r.as_dict() for r in recipes])
+        return 0
     if args.json:
         print(json.dumps([r.as_dict() for r in recipes], indent=1))
         return 0

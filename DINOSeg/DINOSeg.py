@@ -22,7 +22,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from DINOSegLib import DINOSegLogic, DinomedProcessError, add_model_folder, read_model_info
+from DINOSegLib import DINOSegLogic, InputRemovedError, JobState, add_model_folder, read_model_info
 from DINOSegLib import dependencies, display, features, lesions, training_set
 from DINOSegLib.models import BUNDLED_MODELS_DIR, SAMPLE_DATA_DIR
 
@@ -90,13 +90,14 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None  # a running segmentation or features job
-        self._onJobFinished = None
+        self._task = None  # the running Lib task (SegmentationJob, FeaturesJob, SuvJob); its .job is a Job
+        self._stage = ""
+        self._onJobSuccess = None
         self._featureGrid = None
         self._follower = None
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
-        self._timer.timeout.connect(self._pollJob)
+        self._timer.timeout.connect(self._onTimer)
 
     # -- setup ----------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -124,11 +125,12 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refreshModels()
 
     def cleanup(self) -> None:
+        self._timer.stop()
         self.removeObservers()
         if self._follower:
             self._follower.stop()
-        if self._job is not None:
-            self._job.process.cancel()
+        if self._task is not None:
+            self._task.job.cancel()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -140,6 +142,9 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
+        # the job's inputs are about to go: end it (its on_finish sees CANCELLED and touches no node)
+        if self._task is not None:
+            self._task.job.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -168,7 +173,9 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _updateButtons(self, caller=None, event=None) -> None:
         p = self._parameterNode
-        running = self._job is not None
+        if p is None:
+            return
+        running = self._task is not None
         self.ui.applyButton.enabled = running or bool(p.ctVolume and self.ui.modelSelector.currentData)
         self.ui.applyButton.text = "Cancel" if running else "Apply"
         self.ui.pcaButton.enabled = not running and bool(p.ctVolume)
@@ -221,22 +228,20 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- segmentation ---------------------------------------------------------------------------------
     def onApplyOrCancel(self) -> None:
-        if self._job is not None:
-            self._job.process.cancel()
-            self._log("Cancelled.")
-            self._endJob()
+        if self._task is not None:
+            self._task.job.cancel()  # kills the tree at once; _onJobFinished reports "cancelled"
             return
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
             if not self._ensureDependencies():
                 return
             self.ui.logTextEdit.clear()
-            job = self.logic.lib.start_segmentation(p.ctVolume, self.ui.modelSelector.currentData, pet=p.petVolume,
-                                                    device=p.device)
-            self._startJob(job, self._onSegmentationFinished)
+            ct, pet, model, device = p.ctVolume, p.petVolume, self.ui.modelSelector.currentData, p.device
+            self._startJob("Segmenting", lambda **callbacks: self.logic.lib.start_segmentation(
+                ct, model, pet=pet, device=device, **callbacks), self._onSegmentationFinished)
 
-    def _onSegmentationFinished(self, job) -> None:
-        result = self.logic.lib.finish_segmentation(job)
+    def _onSegmentationFinished(self, task) -> None:
+        result = self.logic.lib.finish_segmentation(task)
         self._parameterNode.segmentation = result.segmentation
         result.segmentation.CreateClosedSurfaceRepresentation()
         if result.lesion_table is not None:
@@ -275,16 +280,17 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Could not compute the features.", waitCursor=True):
             if not self._ensureDependencies():
                 return
-            job = self.logic.lib.start_features(p.ctVolume, layer=p.featureLayer, pca=pca, **self._featureSource())
+            ct, layer, source = p.ctVolume, p.featureLayer, self._featureSource()
 
-            def finished(job):
-                pca_node, self._featureGrid = self.logic.lib.finish_features(job)
+            def finished(task):
+                pca_node, self._featureGrid = self.logic.lib.finish_features(task)
                 if pca_node is not None:
                     display.show_overlay(slicer.mrmlScene, pca_node)
                 if then:
                     then()
 
-            self._startJob(job, finished)
+            self._startJob("Computing features", lambda **callbacks: self.logic.lib.start_features(
+                ct, layer=layer, pca=pca, **source, **callbacks), finished)
 
     def _startSimilarity(self) -> None:
         p = self._parameterNode
@@ -314,39 +320,57 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _ensureDependencies(self) -> bool:
         return dependencies.ensure_dependencies(confirm=slicer.util.confirmOkCancelDisplay)
 
-    def _startJob(self, job, onFinished) -> None:
-        self._job = job
-        self._onJobFinished = onFinished
+    def _startJob(self, stage: str, start, onSuccess) -> None:
+        """``start(on_event=…, on_finish=…)`` starts a Lib task (its ``.job`` is a DINOSegLib Job); the
+        timer only forwards to ``job.tick()``; ``onSuccess(task)`` imports the result."""
+        self._stage = stage
+        self._onJobSuccess = onSuccess
         self.ui.progressBar.value = 0
+        self.ui.progressBar.format = f"{stage}…"
+        self._task = start(on_event=self._onJobEvent, on_finish=self._onJobFinished)
         self._timer.start()
         self._updateButtons()
 
-    def _pollJob(self) -> None:
-        job = self._job
-        if job is None:
-            return
-        for event in job.process.poll():
-            if event["event"] == "progress":
-                self.ui.progressBar.value = job.process.progress.percent
-                self.ui.progressBar.format = f"{job.process.progress.message} %p%"
-            elif event["event"] in ("log", "error"):
-                self._log(event.get("message", ""))
-        if job.process.running:
-            return
-        onFinished = self._onJobFinished
-        self._endJob()
-        try:
-            onFinished(job)
-            self.ui.progressBar.value = 100
-        except (DinomedProcessError, RuntimeError, ValueError) as exc:
-            self._log(str(exc))
-            slicer.util.errorDisplay(str(exc))
+    def _onTimer(self) -> None:
+        if self._task is not None:
+            self._task.job.tick()  # events and the end of the job arrive through the callbacks
 
-    def _endJob(self) -> None:
+    def _onJobEvent(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "progress" and self._task is not None:
+            percent = self._task.job.percent
+            message = event.get("message") or ""
+            self.ui.progressBar.value = percent or 0
+            self.ui.progressBar.format = f"{self._stage} {message} %p%".replace("  ", " ")
+        elif kind in ("log", "error"):
+            self._log(event.get("message", ""))
+
+    def _onJobFinished(self, task) -> None:
         self._timer.stop()
-        self._job = None
-        self._onJobFinished = None
-        self._updateButtons()
+        onSuccess, stage = self._onJobSuccess, self._stage
+        self._task = None
+        self._onJobSuccess = None
+        job = task.job
+        try:
+            if job.state is JobState.SUCCEEDED:
+                self.ui.progressBar.format = f"{stage}: importing the result…"
+                onSuccess(task)
+                self.ui.progressBar.value = 100
+                self.ui.progressBar.format = f"{stage}: done"
+            elif job.state is JobState.FAILED:
+                self.ui.progressBar.format = f"{stage}: failed"
+                self._log(job.error or "failed")
+                slicer.util.errorDisplay(f"{stage} failed: {job.error}")
+            else:
+                self.ui.progressBar.format = f"{stage}: {job.state.value}"
+                self._log(f"{stage}: {job.state.value}.")
+        except InputRemovedError as exc:  # the scene was closed or the input deleted meanwhile: drop quietly
+            self._log(str(exc))
+        except Exception as exc:  # the result could not be imported: one line, not a traceback
+            self._log(str(exc))
+            slicer.util.errorDisplay(f"{stage}: {exc}")
+        finally:
+            self._updateButtons()
 
     def _log(self, message: str) -> None:
         self.ui.logTextEdit.appendPlainText(message)

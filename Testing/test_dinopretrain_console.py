@@ -107,6 +107,13 @@ def test_bad_data_shows_the_cli_error(scene, recipes, dataset, tmp_path):
     assert any(m == f"error: {console.error}" for m in console.messages)
     assert not (tmp_path / "out").exists()
 
+    empty = tmp_path / "no_volumes"
+    empty.mkdir()
+    console.start("pretrain", recipe(recipes, "tiny_test"), empty, tmp_path / "pre", recipes=recipes)
+    assert console.wait(timeout=120) == "failed"
+    assert console.error.startswith(f"--data {empty}: found no CT volumes")
+    assert not (tmp_path / "pre").exists()  # no pipeline.json: the same folder can be used once the data is fixed
+
 
 @pytest.mark.slow  # four real tiny dinomed children (check, finetune, resume, evaluate): ~1 min on 2 cores
 def test_finetune_stop_new_session_resume_evaluate_register(scene, recipes, dataset, tmp_path):

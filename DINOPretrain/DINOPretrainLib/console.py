@@ -38,6 +38,7 @@ class Step:
     args: list[str]
     folder: Path | None = None  # the run folder whose curves this step draws
     curves_name: str = ""
+    prepare: Callable[[], None] | None = None  # called just before the child starts (e.g. write pipeline.json)
 
 
 @dataclass
@@ -180,12 +181,13 @@ class TrainingConsole:
         elif mode == "pretrain" and recipe_obj is not None:
             stages = family_stages(recipes, recipe_obj.family) if recipes else [recipe_obj]
             plan = self.plan_pretrain(stages, data, out, options, last_stage, export)
-            out.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(out / PIPELINE_FILE, {
+            pipeline = {
                 "format": "dinopretrain-pipeline/1", "family": recipe_obj.family, "data": str(data),
                 "stages": [s.name for s in stages if s.stage <= last_stage], "last_stage": min(last_stage, len(stages)),
                 "overrides": {s.name: options.overrides(s, "pretrain") for s in stages if s.stage <= last_stage},
-                "launch": options.launch_args(), "export": export})
+                "launch": options.launch_args(), "export": export}
+            # written once the data check passed, so that a refused dataset leaves the output folder empty
+            plan[1].prepare = lambda: write_json_atomic(out / PIPELINE_FILE, pipeline)
         elif mode == "pretrain":
             overrides = options.overrides(None, "pretrain")
             plan = [Step("check", "checking the volumes", ["check-data", "pretrain", config_name, *overrides, "--data", str(data)]),
@@ -237,6 +239,8 @@ class TrainingConsole:
                        stop_grace_s=self.stop_grace_s)
         self.jobs.append(self.job)
         try:
+            if step.prepare is not None:
+                step.prepare()
             self.job.start()
         except Exception as exc:  # the interpreter cannot be started
             self.state, self.error = "failed", str(exc)

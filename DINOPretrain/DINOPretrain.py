@@ -341,7 +341,8 @@ class DINOPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.dataReportLabel.text = console.error
         if console.run is not None:
             self.ui.runStatusLabel.text = console.run.describe()
-        self.ui.evaluationTableView.setMRMLTableNode(console.evaluation_table)
+        if self.ui.evaluationTableView.mrmlTableNode() is not console.evaluation_table:
+            self.ui.evaluationTableView.setMRMLTableNode(console.evaluation_table)
 
 
 class DINOPretrainModuleLogic(ScriptedLoadableModuleLogic):

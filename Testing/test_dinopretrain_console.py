@@ -78,6 +78,24 @@ def test_recipe_list_and_common_options(recipes, tmp_path):
         TrainingOptions(backbone_checkpoint=str(tmp_path / "none.pth")).overrides(recipe(recipes, "meddinov3"), "finetune")
 
 
+def test_plans_chain_the_stages_and_launch_on_several_gpus(scene, recipes, tmp_path):
+    console = TrainingConsole(scene)
+    two_gpus = TrainingOptions(length=5, gpus=2, device="cuda")
+    check, train = console.plan_finetune("meddinov3", tmp_path / "data", tmp_path / "out", two_gpus,
+                                         recipe(recipes, "meddinov3"))
+    assert check.args[:3] == ["check-data", "finetune", "meddinov3"] and "--nproc-per-node" not in check.args
+    assert train.args[-2:] == ["--nproc-per-node", "2"] and "train.max_steps=5" in train.args
+    out = tmp_path / "pre"
+    plan = console.plan_pretrain(family_stages(recipes, "pet_vitb"), tmp_path / "data", out, two_gpus, last_stage=2)
+    assert [s.kind for s in plan] == ["check", "pretrain", "pretrain", "export"]
+    assert plan[1].args[1] == "pet_vitb_stage1" and plan[2].args[1] == "pet_vitb_stage2"
+    assert f"student.init_from={out / 'stage1'}" in plan[2].args and f"gram.ckpt={out / 'stage1'}" in plan[2].args
+    assert plan[2].args[plan[2].args.index("--out") + 1] == str(out / "stage2")
+    assert plan[3].args == ["export-backbone", str(out / "stage2"), "--out", str(out / "backbone.pth")]
+    with pytest.raises(OptionsError, match="device cpu"):
+        TrainingOptions(gpus=2, device="cpu").launch_args()
+
+
 def test_unset_folders_are_refused_not_dot(scene, recipes, tmp_path):
     console = TrainingConsole(scene)
     with pytest.raises(OptionsError, match="choose the data folder"):

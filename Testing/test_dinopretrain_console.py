@@ -108,6 +108,10 @@ def test_unset_folders_are_refused_not_dot(scene, recipes, tmp_path):
         console.start("finetune", recipe(recipes, "tiny_meddinov3"), tmp_path, tmp_path / "busy")
     with pytest.raises(RunFolderError, match="holds no run"):
         console.open_run(tmp_path / "busy")
+    with pytest.raises(OptionsError, match="choose a bundled recipe, or a config file"):
+        console.start("pretrain", "", tmp_path, tmp_path / "new")
+    with pytest.raises(OptionsError, match="no such file"):
+        console.check_data("finetune", str(tmp_path / "mine.yaml"), tmp_path)
     with pytest.raises(ConsoleError, match="nothing to resume"):
         console.resume()
     assert console.jobs == []  # nothing was launched
@@ -131,6 +135,16 @@ def test_bad_data_shows_the_cli_error(scene, recipes, dataset, tmp_path):
     assert console.wait(timeout=120) == "failed"
     assert console.error.startswith(f"--data {empty}: found no CT volumes")
     assert not (tmp_path / "pre").exists()  # no pipeline.json: the same folder can be used once the data is fixed
+
+    # "a config file…": a YAML of one's own, checked against a folder of CT volumes
+    own = tmp_path / "my_stage1.yaml"
+    own.write_text(Path(recipe(recipes, "tiny_test").path).read_text())
+    for image in sorted((dataset / "imagesTr").glob("*_0000.nii.gz"))[:2]:
+        shutil.copyfile(image, empty / image.name)
+    console.check_data("pretrain", str(own), empty)
+    assert console.wait(timeout=120) == "finished", console.error
+    assert console.data_report.summary["volumes"] == 2 and console.data_report.summary["modality"] == "CT"
+    assert console.data_report.lines[0].startswith("2 CT volume(s); spacing")
 
 
 @pytest.mark.slow  # four real tiny dinomed children (check, finetune, resume, evaluate): ~1 min on 2 cores

@@ -170,10 +170,7 @@ class TrainingConsole:
             raise ConsoleError(f"the output folder {out} is not empty; choose it under 'Continue a run' to resume "
                                "what it holds, or choose a new folder")
         if isinstance(recipe, str):
-            config = path_or_none(recipe)
-            if config is None or str(recipe) == CONFIG_FILE or not config.is_file():
-                raise OptionsError(f"config file {recipe}: no such file")
-            recipe_obj, config_name = None, str(config.resolve())
+            recipe_obj, config_name = None, _config_file(recipe)
         else:
             recipe_obj, config_name = recipe, recipe.name
         if mode == "finetune":
@@ -204,7 +201,7 @@ class TrainingConsole:
             raise ConsoleError("a run is going; stop it first")
         options = options or TrainingOptions()
         data = require_folder(data_dir, "data folder")
-        name = recipe.name if isinstance(recipe, Recipe) else str(recipe)
+        name = recipe.name if isinstance(recipe, Recipe) else _config_file(recipe)
         rec = recipe if isinstance(recipe, Recipe) else None
         self._begin([Step("check", "checking the data", ["check-data", mode, name, *options.overrides(rec, mode),
                                                           "--data", str(data)])], None)
@@ -483,6 +480,15 @@ class TrainingConsole:
             target = models.add_model_folder(self.run.model_folder, models_dir)
         self._say(f"registered in DINOSeg: {target}")
         return target
+
+
+def _config_file(value) -> str:
+    config = path_or_none(value)
+    if config is None or str(value) == CONFIG_FILE:
+        raise OptionsError("choose a bundled recipe, or a config file of your own")
+    if not config.is_file():
+        raise OptionsError(f"config file {config}: no such file")
+    return str(config.resolve())
 
 
 def _fmt(value) -> str:

@@ -9,8 +9,11 @@ of a run found on disk, evaluation and registration in DINOSeg.
 import os
 from typing import Annotated, Optional
 
+import ctk
 import qt
 import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -23,24 +26,25 @@ from slicer.util import VTKObservationMixin
 from DINOPretrainLib import (CONFIG_FILE, ConsoleError, OptionsError, RunFolderError, TrainingConsole,
                              TrainingOptions, family_stages, list_recipes, parse_overrides, path_or_none)
 from DINOPretrainLib.console import STOP_GRACE_S
-from DINOSegLib import dependencies
+from DINOSegLib import dependencies, docs
 
 
 class DINOPretrain(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "DINOPretrain"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("DINOPretrain")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = ["DINOSeg"]  # shares DINOSegLib (job runner, model folders)
-        self.parent.contributors = ["DINOSeg developers"]
-        self.parent.helpText = """
+        self.parent.contributors = ["DINOSeg maintainers (DINOSeg project)"]
+        self.parent.helpText = _("""
 Pretrain a DINOv3 encoder on a folder of unlabeled CT or PET volumes (stage 1 self-distillation, stage 2 Gram
 anchoring, stage 3 high-resolution adaptation, then export of the backbone), or finetune a segmentation model on
 a labeled dataset. The data is checked first; curves follow the run; Stop saves a checkpoint and Resume continues
 it, also in a later session (choose the run folder under "Continue a run"). A finished finetuning run can be
 evaluated on its held-out cases and registered in DINOSeg.
-"""
-        self.parent.acknowledgementText = "Built on DINOv3 (Meta AI) and the dinomed core library."
+See the <a href="{url}">documentation</a> (section "In 3D Slicer", DINOPretrain).
+""").format(url=docs.readme_url())
+        self.parent.acknowledgementText = _("Built on DINOv3 (Meta AI) and the dinomed core library.")
 
 
 @parameterNodeWrapper
@@ -99,6 +103,15 @@ class DINOPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resumeButton.connect("clicked(bool)", self.onResume)
         self.ui.evaluateButton.connect("clicked(bool)", self.onEvaluate)
         self.ui.registerModelButton.connect("clicked(bool)", self.onRegisterModel)
+        # folders only for the folder fields, files for the others (set here: the .ui smoke test reads no flag sets)
+        folders = (ctk.ctkPathLineEdit.Dirs | ctk.ctkPathLineEdit.Drives | ctk.ctkPathLineEdit.Executable
+                   | ctk.ctkPathLineEdit.NoDot | ctk.ctkPathLineEdit.NoDotDot | ctk.ctkPathLineEdit.Readable)
+        for pathLineEdit in (self.ui.dataPathLineEdit, self.ui.outputPathLineEdit, self.ui.runPathLineEdit):
+            pathLineEdit.filters = folders
+        files = (ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Drives | ctk.ctkPathLineEdit.NoDot
+                 | ctk.ctkPathLineEdit.NoDotDot | ctk.ctkPathLineEdit.Readable)
+        for pathLineEdit in (self.ui.configPathLineEdit, self.ui.backbonePathLineEdit):
+            pathLineEdit.filters = files
         self.ui.stopButton.toolTip = (f"saves a checkpoint at the next step and exits; press again, or wait "
                                       f"{STOP_GRACE_S:g} s, to kill the run")
         self.initializeParameterNode()
@@ -206,7 +219,7 @@ class DINOPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self._recipe() or self.ui.configPathLineEdit.currentPath
 
     def _ready(self) -> bool:
-        if not dependencies.ensure_dependencies(confirm=slicer.util.confirmOkCancelDisplay):
+        if not dependencies.ensure_in_slicer():
             return False
         if not self._recipes:
             self._loadRecipes()

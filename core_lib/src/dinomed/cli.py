@@ -35,6 +35,7 @@ COMMAND_MODULES = (
     "recipes",
     "info",
     "demo",
+    "classify",
 )
 
 

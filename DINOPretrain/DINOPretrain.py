@@ -26,7 +26,7 @@ from slicer.util import VTKObservationMixin
 from DINOPretrainLib import (CONFIG_FILE, ConsoleError, OptionsError, RunFolderError, TrainingConsole,
                              TrainingOptions, family_stages, list_recipes, parse_overrides, path_or_none)
 from DINOPretrainLib.console import STOP_GRACE_S
-from DINOSegLib import dependencies, docs
+from DINOSegLib import dependencies, docs, models
 
 
 class DINOPretrain(ScriptedLoadableModule):
@@ -63,6 +63,7 @@ class DINOPretrainParameterNode:
     exportBackbone: bool = True
 
 
+DINOSEG_MODELS_DIRECTORY_SETTING = "DINOSeg/ModelsDirectory"  # DINOSeg.py's MODELS_DIRECTORY_SETTING
 PARAMETERS = ("mode", "length", "batchSize", "learningRate", "imageSize", "overrides", "device", "gpuCount",
               "lastStage", "exportBackbone")
 
@@ -283,7 +284,10 @@ class DINOPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onRegisterModel(self) -> None:
         with slicer.util.tryWithErrorDisplay("Could not register the model.", waitCursor=True):
-            target = self.logic.console.register()
+            # the folder DINOSeg's model list shows: the one chosen there last, else the per-user folder
+            shown = models.resolve_models_dir(qt.QSettings().value(DINOSEG_MODELS_DIRECTORY_SETTING),
+                                              models.slicer_settings_dir())
+            target = self.logic.console.register(shown)
             slicer.util.infoDisplay(f"The model is now listed in DINOSeg: {target}")
 
     # -- watching --------------------------------------------------------------------------------------

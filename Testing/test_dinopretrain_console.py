@@ -152,7 +152,7 @@ def test_finetune_stop_new_session_resume_evaluate_register(scene, recipes, data
     import slicer
     import torch
 
-    from DINOSegLib.models import list_model_folders
+    from DINOSegLib import DINOSegLogic, models
 
     out = tmp_path / "runs" / "tiny"
     options = TrainingOptions(length=8, batch_size=2, image_size=32, device="cpu",
@@ -199,10 +199,17 @@ def test_finetune_stop_new_session_resume_evaluate_register(scene, recipes, data
     assert labels == ["lesion", "liver", "kidney", "mean"]
     assert 0.0 <= float(table.GetCellText(3, 1)) <= 1.0
 
-    models = tmp_path / "user_models"
-    target = later.register(models)
-    assert target.resolve() in list_model_folders(models)
-    assert (target / "model.safetensors").is_file() and (target / "model.json").is_file()
+    settings = tmp_path / "slicer.org"  # Slicer's settings folder: the per-user models folder is below it
+    refreshed = []
+    stop_listening = models.add_models_listener(refreshed.append)  # what DINOSeg's open model list does
+    try:
+        target = later.register(settings_dir=settings)
+    finally:
+        stop_listening()
+    assert target == models.user_models_dir(settings) / "tiny" and refreshed == [target]
+    dinoseg = DINOSegLogic(new_scene, models_dirs=[models.user_models_dir(settings), models.BUNDLED_MODELS_DIR])
+    assert target.resolve() in dinoseg.available_models()  # DINOSeg's model list
+    assert (target / "model.safetensors").is_file() and models.read_model_info(target).labels
 
 
 @pytest.mark.slow  # three tiny pretraining stages and the export, as real children

@@ -466,18 +466,15 @@ class TrainingConsole:
         return node
 
     def register(self, models_dir=None, settings_dir=None) -> Path:
-        """"Register this model in DINOSeg": copy the finished model folder into the user's DINOSeg models folder
-        (``models_dir``, default DINOSeg's per-user folder) and refresh every open model list; returns its new path."""
-        from DINOSegLib import models
+        """"Register this model in DINOSeg": copy the finished model folder into DINOSeg's models folder
+        (``models_dir``; default the user's per-user folder below ``settings_dir``, Slicer's settings folder) with
+        DINOSeg's :func:`~DINOSegLib.models.register_model`, which refreshes every open model list; returns the
+        registered folder."""
+        from DINOSegLib.models import register_model
 
         if not self.can_register:
             raise ConsoleError("Register needs a finished finetuning run (a model folder); choose one first")
-        if hasattr(models, "register_model"):
-            target = models.register_model(self.run.model_folder, models_dir, settings_dir=settings_dir)
-        else:  # DINOSegLib before its per-user models folder (issue 13): an explicit folder is needed
-            if models_dir is None:
-                raise ConsoleError("choose the DINOSeg models folder to register the model in")
-            target = models.add_model_folder(self.run.model_folder, models_dir)
+        target = register_model(self.run.model_folder, models_dir, settings_dir=settings_dir)
         self._say(f"registered in DINOSeg: {target}")
         return target
 

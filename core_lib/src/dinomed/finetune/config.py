@@ -23,6 +23,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "finetune"
 
 DEFAULTS: dict[str, Any] = {
     "name": "finetuned-model",
+    "description": "",  # one line shown by `dinomed recipes` and the DINOPretrain module's recipe list
     # the ``architecture`` of model.json; ``in_chans`` and ``num_classes`` are filled in from inputs and labels
     "model": {},
     # a model folder whose weights initialise the model (e.g. DINO-Med3D stage II from the best stage-I model)

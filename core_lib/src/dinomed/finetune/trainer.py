@@ -18,7 +18,6 @@ import json
 import math
 import random
 import shlex
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path, atomic_write_text
-from ..runtime import init_distributed
+from ..runtime import StopRequest, init_distributed
 from ..errors import CheckpointError, DinomedError
 from ..events import EventWriter
 from .config import dump_config
@@ -39,9 +38,11 @@ from .transforms import PatchDataset, PatchSampler, StepIndices
 
 STATE_DIR = "training"
 STATE_FILE = "state.pt"
+STATUS_FILE = "status.json"  # the run at its last checkpoint, for front-ends (no torch needed to read it)
 # keys that may change between a run and its resumption (they do not change what is computed)
 SESSION_KEYS = {("train", "stop_after"), ("train", "num_workers"), ("train", "device"), ("train", "log_every"),
-                ("train", "save_every"), ("train", "max_seconds"), ("train", "clock")}
+                ("train", "save_every"), ("train", "max_seconds"), ("train", "clock"),
+                ("description",)}
 
 
 @dataclass
@@ -238,31 +239,6 @@ def validate(model: nn.Module, model_json: dict, cases, labels: list[dict], amp)
 # the loop
 
 
-class _StopRequest:
-    """SIGTERM / SIGINT ask the loop to stop after the current step (state saved); a second signal interrupts."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bool = False,
              events: EventWriter | None = None, command: str | None = None) -> FinetuneResult:
     """Train ``cfg["model"]`` on the dataset in ``data_dir``; the best model folder goes to ``out_dir``."""
@@ -273,7 +249,9 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
 
     dist_info, device = init_distributed(cfg["train"]["device"])
     events = events if (events is not None and dist_info.main) else EventWriter(enabled=False, quiet=not dist_info.main)
+    stop = StopRequest()  # a stop asked for during the set-up takes effect after the first step
     try:
+        stop.__enter__()
         out_dir = Path(out_dir)
         state_path = out_dir / STATE_DIR / STATE_FILE
         train_cfg, data_cfg, optim_cfg = cfg["train"], cfg["data"], cfg["optim"]
@@ -426,11 +404,17 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
                 "train_cases": train_names, "val_cases": val_names,
             }
 
-        def checkpoint() -> None:
+        def checkpoint(finished: bool = False) -> None:
             payload = state_payload()  # a collective under DDP: every rank takes part
             if dist_info.main:
                 save_state(state_path, payload)
                 atomic_write_text(out_dir / STATE_DIR / "history.json", json.dumps(history, indent=1))
+                atomic_write_text(out_dir / STATE_DIR / STATUS_FILE, json.dumps({
+                    "format": "dinomed-run-status/1", "kind": "finetune", "name": cfg["name"], "step": step,
+                    "total": max_steps, "finished": finished, "best_step": best_step,
+                    "best_dice": best_dice if math.isfinite(best_dice) else None,
+                    "config": str((out_dir / STATE_DIR / "config.yaml").resolve()),
+                    "data": str(Path(data_dir).resolve()), "command": command}, indent=1))
 
         def run_validation() -> None:
             nonlocal best_dice, best_step
@@ -461,59 +445,61 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
         clock = time.process_time if train_cfg["clock"] == "process" else time.perf_counter
         started = clock()
         train_model.train()
-        with _StopRequest() as stop:
-            for batch in _batches(loader, step, max_steps):
-                images = batch["image"].to(device, non_blocking=True)
-                labels = batch["label"].to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = train_model(images)
-                loss = loss_fn(logits.float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if optim_cfg["grad_clip"]:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(optim_cfg["grad_clip"]))
-                scaler.step(optimizer)
-                scaler.update()
-                if schedule != "plateau" or step < warmup_steps:
-                    scheduler.step()
-                step += 1
-                loss_value = loss.detach()
-                out_of_time = max_seconds is not None and clock() - started >= float(max_seconds)
-                flags = torch.tensor([float(loss_value), float(stop.requested), float(out_of_time)], dtype=torch.float64)
-                if dist_info.world_size > 1:
-                    import torch.distributed as dist
+        for batch in _batches(loader, step, max_steps):
+            images = batch["image"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = train_model(images)
+            loss = loss_fn(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if optim_cfg["grad_clip"]:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), float(optim_cfg["grad_clip"]))
+            scaler.step(optimizer)
+            scaler.update()
+            if schedule != "plateau" or step < warmup_steps:
+                scheduler.step()
+            step += 1
+            loss_value = loss.detach()
+            out_of_time = max_seconds is not None and clock() - started >= float(max_seconds)
+            # (on this rank's device: nccl reduces GPU tensors only)
+            flags = torch.tensor([float(loss_value), float(out_of_time)], dtype=torch.float64, device=device)
+            if dist_info.world_size > 1:
+                import torch.distributed as dist
 
-                    dist.all_reduce(flags)
-                    flags[0] /= dist_info.world_size
-                last = step == max_steps or bool(flags[2] > 0)  # the time budget ends the run like its last step
-                if not math.isfinite(float(flags[0])):
-                    raise DinomedError(f"the training loss became {float(flags[0])} at step {step}; lower optim.lr "
-                                       "or check the data (state before this step is in the last checkpoint)")
-                if step % log_every == 0 or last:
-                    record = {"phase": "train", "step": step, "epoch": sampler.epoch_of((step - 1) * global_batch),
-                              "loss": float(flags[0]), "lr": optimizer.param_groups[-1]["lr"],
-                              "elapsed": round(clock() - started, 3)}
-                    history.append(record)
-                    events.metric(**record)
-                events.progress(step, max_steps, "steps")
-                if step % val_every == 0 or last:
-                    run_validation()
-                stop_now = not last and (bool(flags[1] > 0) or (
-                    stop_after is not None and start_step < int(stop_after) <= step))
-                if step % save_every == 0 or last or stop_now:
-                    checkpoint()
-                if last and step < max_steps:
-                    events.log(f"time budget of {max_seconds} s reached at step {step}")
-                    break
-                if stop_now:
-                    stopped = True
-                    events.log(f"stopped at step {step}; continue with --resume")
-                    break
+                dist.all_reduce(flags)
+                flags[0] /= dist_info.world_size
+            last = step == max_steps or bool(flags[1] > 0)  # the time budget ends the run like its last step
+            if not math.isfinite(float(flags[0])):
+                raise DinomedError(f"the training loss became {float(flags[0])} at step {step}; lower optim.lr "
+                                   "or check the data (state before this step is in the last checkpoint)")
+            if step % log_every == 0 or last:
+                record = {"phase": "train", "step": step, "epoch": sampler.epoch_of((step - 1) * global_batch),
+                          "loss": float(flags[0]), "lr": optimizer.param_groups[-1]["lr"],
+                          "elapsed": round(clock() - started, 3)}
+                history.append(record)
+                events.metric(**record)
+            events.progress(step, max_steps, "steps")
+            if step % val_every == 0 or last:
+                run_validation()
+            # a stop asked for during this step (or its validation) ends the run here, on every rank
+            stop_now = not last and (stop.agree(dist_info, device) or (
+                stop_after is not None and start_step < int(stop_after) <= step))
+            if step % save_every == 0 or last or stop_now:
+                checkpoint(finished=last)
+            if last and step < max_steps:
+                events.log(f"time budget of {max_seconds} s reached at step {step}")
+                break
+            if stop_now:
+                stopped = True
+                events.log(f"stopped at step {step}; continue with --resume")
+                break
         return FinetuneResult(out_dir=out_dir, step=step, best_step=best_step, best_dice=best_dice, stopped=stopped,
                               history=history, train_cases=train_names, val_cases=val_names,
                               main_process=dist_info.main)
     finally:
+        stop.__exit__()
         if dist_info.initialised_here:
             import torch.distributed as dist
 

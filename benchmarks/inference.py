@@ -79,19 +79,41 @@ def central_slices(ct_path: Path, n: int) -> Path:
     return out
 
 
-def prepare_model(cache: Path, arch: str, batch_size: int) -> Path:
-    folder = cache / f"model_meddinov3_{arch}_b{batch_size}"
+def prepare_model(cache: Path, arch: str, batch_size: int, target_spacing=None, decoder: str = "patch_decode") -> Path:
+    tag = "native" if not target_spacing else "sp" + "x".join(f"{v:g}" for v in target_spacing)
+    folder = cache / f"model_meddinov3_{arch}_{decoder}_b{batch_size}_{tag}"
     if not (folder / "model.json").is_file():
         import torch
 
         from dinomed.models import build_model, model_json_template, save_model_folder
+        from dinomed.preprocess import default_spec
         from dinomed.synthetic import label_entries
 
         torch.manual_seed(0)
-        model = build_model({"name": "meddinov3", "backbone": arch, "in_chans": 2, "num_classes": NUM_CLASSES})
-        model_json = model_json_template(model, name=f"bench-{arch}", labels=label_entries(),
+        model = build_model({"name": "meddinov3", "backbone": arch, "in_chans": 2, "num_classes": NUM_CLASSES,
+                             "decoder": decoder})
+        pre = {"target_spacing": list(target_spacing) if target_spacing else None, "input_scale": 1.0,
+               "channels": [default_spec("CT"), default_spec("PET")]}
+        model_json = model_json_template(model, name=f"bench-{arch}", labels=label_entries(), preprocessing=pre,
                                          inference={"batch_size": batch_size, "min_component_ml": {"lesion": 0.1}})
         save_model_folder(model, model_json, folder)
+    return folder
+
+
+def prepare_pipeline_model(cache: Path, source: Path, target_spacing=None) -> Path:
+    """A copy of a trained model folder (default: the bundled demo PET/CT model) with the benchmark's target spacing,
+    so that the whole-volume pipeline run resamples, post-processes and measures lesions as the ViT's run would,
+    on realistic (trained) label maps rather than the noise of random weights."""
+    import shutil
+
+    tag = "native" if not target_spacing else "sp" + "x".join(f"{v:g}" for v in target_spacing)
+    folder = cache / f"pipeline_{source.name}_{tag}"
+    if not (folder / "model.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / "model.safetensors", folder / "model.safetensors")
+        doc = json.loads((source / "model.json").read_text())
+        doc.setdefault("preprocessing", {})["target_spacing"] = list(target_spacing) if target_spacing else None
+        (folder / "model.json").write_text(json.dumps(doc, indent=2))
     return folder
 
 
@@ -122,69 +144,66 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
-def _child_vit(queue, model_dir, ct, pet, device, threads):
+def _child_vit(queue, model_dir, ct, pet, device, threads, matmul_n):
+    """``segment_files`` (what ``dinomed segment`` runs) under the stage profiler, beside a matmul measurement."""
     import torch
 
     torch.set_num_threads(threads)
     from dinomed.events import EventWriter
-    from dinomed.inference.segment import segment_files
+    from dinomed.inference.profile import profiling
+    from dinomed.inference.segment import resolve_device, segment_files
 
-    marks = []
-
-    class Timing(EventWriter):  # records when each slice batch finished; prints nothing
-        def progress(self, done, total, message=""):
-            marks.append((time.perf_counter(), done))
-
+    load = os.getloadavg()[0]
+    peak = matmul_gflops(resolve_device(device), matmul_n)
     out = Path(tempfile.mkdtemp(prefix="dinomed-bench-"))
-    t = time.perf_counter()
-    result = segment_files(model_dir, ct, out / "seg.nii.gz", pet_path=pet, stats_path=out / "lesions.csv",
-                           device=device, events=Timing(enabled=False, quiet=True))
-    wall = time.perf_counter() - t
-    # steady state: from the end of the first batch to the end of the last (excludes the first batch's warm-up)
-    (t0, d0), (t1, d1) = marks[0], marks[-1]
-    steady = (d1 - d0) / (t1 - t0) if d1 > d0 else d1 / wall
+    with profiling() as profile:
+        result = segment_files(model_dir, ct, out / "seg.nii.gz", pet_path=pet, stats_path=out / "lesions.csv",
+                               device=device, events=EventWriter(enabled=False, quiet=True))
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if result.device.startswith("cuda") else None
-    queue.put({"wall_s": wall, "slices": d1, "steady_slices_per_s": steady, "peak_rss_mb": _peak_rss_mb(),
-               "cuda_peak_mb": cuda_peak, "precision": result.precision, "device": result.device})
+    queue.put({**profile.as_dict(), "peak_rss_mb": _peak_rss_mb(), "cuda_peak_mb": cuda_peak, "matmul_gflops": peak,
+               "load": load, "precision": result.precision, "device": result.device,
+               "lesions": result.lesion_count})
 
 
-def _child_unet(queue, ct, pet, device, threads, crop, overlap, sw_batch):
-    import numpy as np
-    import SimpleITK as sitk
+def _child_unet(queue, ct, pet, device, threads, crop, overlap, sw_batch, matmul_n):
+    """The peer on the same inputs, through dinomed's own readers, resampling and normalisation (the same stage
+    markers), then MONAI sliding windows and an argmax."""
     import torch
     from monai.inferers import sliding_window_inference
 
     torch.set_num_threads(threads)
+    from dinomed.inference.profile import profiling, stage
     from dinomed.inference.segment import autocast_dtype, model_channels, pet_on_ct_grid, read_ct, read_pet_suv, resolve_device
 
     dev = resolve_device(device)
-    t = time.perf_counter()
-    ct_img = read_ct(ct)
-    if crop:
-        size = ct_img.GetSize()  # x, y, z
-        cz, cy, cx = crop
-        start = [max(0, (s - c) // 2) for s, c in zip(size, (cx, cy, cz))]
-        ct_img = ct_img[start[0]:start[0] + cx, start[1]:start[1] + cy, start[2]:start[2] + cz]
-    pet_img = pet_on_ct_grid(read_pet_suv(pet), ct_img)
-    channels = model_channels({"inputs": [{"modality": "CT"}, {"modality": "PET"}]}, ct_img, pet_img)
-    torch.manual_seed(0)
-    net = build_dynunet().to(dev).eval()
-    dtype = autocast_dtype(dev)
-    x = torch.from_numpy(channels[None]).to(dev)
-    t_model = time.perf_counter()
-    with torch.inference_mode(), (torch.autocast(dev.type, dtype=dtype) if dtype else _null()):
-        logits = sliding_window_inference(x, NNUNET_PATCH, sw_batch, net, overlap=overlap, mode="gaussian")
-        labels = logits.argmax(dim=1)[0].to("cpu", torch.uint8).numpy()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    model_s = time.perf_counter() - t_model
-    out = sitk.GetImageFromArray(labels.astype(np.uint8))
-    out.CopyInformation(ct_img)
-    wall = time.perf_counter() - t
+    load = os.getloadavg()[0]
+    peak = matmul_gflops(dev, matmul_n)
+    with profiling() as profile:
+        ct_img = read_ct(ct)
+        if crop:
+            size = ct_img.GetSize()  # x, y, z
+            cz, cy, cx = crop
+            start = [max(0, (s - c) // 2) for s, c in zip(size, (cx, cy, cz))]
+            ct_img = ct_img[start[0]:start[0] + cx, start[1]:start[1] + cy, start[2]:start[2] + cz]
+        pet_img = pet_on_ct_grid(read_pet_suv(pet), ct_img)
+        channels = model_channels({"inputs": [{"modality": "CT"}, {"modality": "PET"}]}, ct_img, pet_img)
+        with stage("load model"):
+            torch.manual_seed(0)
+            net = build_dynunet().to(dev).eval()
+        dtype = autocast_dtype(dev)
+        x = torch.from_numpy(channels[None]).to(dev)
+        with torch.inference_mode(), (torch.autocast(dev.type, dtype=dtype) if dtype else _null()):
+            with stage("model"):
+                logits = sliding_window_inference(x, NNUNET_PATCH, sw_batch, net, overlap=overlap, mode="gaussian")
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+            with stage("argmax"):
+                labels = logits.argmax(dim=1)[0].to("cpu", torch.uint8).numpy()
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
-    queue.put({"wall_s": wall, "model_s": model_s, "slices": int(channels.shape[1]), "shape": list(channels.shape[1:]),
+    queue.put({**profile.as_dict(), "slices": int(channels.shape[1]), "shape": list(channels.shape[1:]),
                "windows": count_windows(channels.shape[1:], NNUNET_PATCH, overlap), "peak_rss_mb": _peak_rss_mb(),
-               "cuda_peak_mb": cuda_peak, "precision": "fp32" if dtype is None else str(dtype).replace("torch.", "")})
+               "cuda_peak_mb": cuda_peak, "matmul_gflops": peak, "load": load,
+               "precision": "fp32" if dtype is None else str(dtype).replace("torch.", ""), "labels_voxels": int(labels.size)})
 
 
 class _null:
@@ -253,14 +272,31 @@ def matmul_gflops(device, n: int, repeats: int = 5) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 
+MODEL_STAGES = ("model", "argmax")  # what scales with the network; every other stage is the pipeline around it
+
+
+def _median_stages(runs: list[dict]) -> dict:
+    names = []
+    for r in runs:
+        names += [k for k in r["stages"] if k not in names]
+    return {k: statistics.median(r["stages"].get(k, 0.0) for r in runs) for k in names}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="vit_small", choices=["vit_small", "vit_tiny", "vit_base"])
+    parser.add_argument("--decoder", default="patch_decode", choices=["patch_decode", "progressive"],
+                        help="MedDINOv3 decoder: the paper's PatchDecode (default) or our light progressive one")
+    parser.add_argument("--target-spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                        help="the ViT model's preprocessing.target_spacing in mm (default: the CT's own grid)")
     parser.add_argument("--shape", type=int, nargs=3, default=[300, 512, 512], metavar=("Z", "Y", "X"))
     parser.add_argument("--slices", type=int, default=None, help="run the ViT on the central N slices and extrapolate")
     parser.add_argument("--unet-crop", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
                         help="run the U-Net on a central crop and extrapolate by the window count")
     parser.add_argument("--no-unet", action="store_true")
+    parser.add_argument("--pipeline-model", default=None, metavar="MODEL_DIR",
+                        help="with --slices: the trained model folder whose whole-volume run gives the non-model stage "
+                        "times (default: the bundled demo PET/CT model)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--unet-repeats", type=int, default=None, help="default: --repeats")
     parser.add_argument("--batch-size", type=int, default=8, help="ViT slices per batch")
@@ -275,7 +311,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from dinomed.inference.segment import resolve_device
+    from dinomed.inference.segment import model_grid, read_ct, resolve_device
     from dinomed.models import load_model_folder
 
     torch.set_num_threads(args.threads)
@@ -283,81 +319,135 @@ def main(argv=None) -> int:
     cache = Path(args.cache)
     depth, height, width = args.shape
     case = prepare_case(cache, tuple(args.shape), args.seed)
-    model_dir = prepare_model(cache, args.arch, args.batch_size)
+    model_dir = prepare_model(cache, args.arch, args.batch_size, args.target_spacing, args.decoder)
     vit_ct = case["ct"]
     n_slices = depth
     if args.slices and args.slices < depth:
         vit_ct, n_slices = central_slices(case["ct"], args.slices), args.slices
-
+    pipeline_dir = None
+    if n_slices < depth:
+        source = Path(args.pipeline_model) if args.pipeline_model else (
+            Path(__file__).resolve().parents[1] / "Resources" / "Models" / "demo")
+        pipeline_dir = prepare_pipeline_model(cache, source, args.target_spacing)
     matmul_n = args.matmul_n or (8192 if device.type == "cuda" else 2048)
-    peak = matmul_gflops(device, matmul_n)
-    print(f"fp32 matmul {matmul_n}^3 on {device}: {peak:.1f} GFLOP/s", file=sys.stderr)
 
-    model, _ = load_model_folder(model_dir)
-    vit_flops = flops_of(model, torch.zeros(1, 2, height, width))  # per slice
+    # the model's grid for this CT (target spacing), and the ViT's FLOPs per slice there
+    model, model_json = load_model_folder(model_dir)
+    grid = model_grid(read_ct(case["ct"]), model_json.get("preprocessing"))
+    gx, gy, gz = grid.GetSize() if grid is not None else (width, height, depth)
+    vit_flops = flops_of(model, torch.zeros(1, 2, gy, gx))  # per slice of the model grid
+    model_slices_full = gz
+    model_slices_run = max(1, round(gz * n_slices / depth))
     del model
-    rows = []
-
-    runs = []
-    for i in range(args.repeats):
-        runs.append(run_child(_child_vit, str(model_dir), str(vit_ct), str(case["pet"]), args.device, args.threads))
-        print(f"vit run {i + 1}: {runs[-1]}", file=sys.stderr)
-    scale = depth / n_slices
-    wall = statistics.median(r["wall_s"] for r in runs) * scale
-    sps = statistics.median(r["steady_slices_per_s"] for r in runs)
-    rows.append({
-        "model": f"MedDINOv3 {args.arch} (2D, batch {args.batch_size})", "device": f"{runs[0]['device']} {runs[0]['precision']}",
-        "ran": f"{n_slices} of {depth} slices" + (", extrapolated" if scale > 1 else ""),
-        "wall_s": wall, "model_s": depth / sps, "slices_per_s": sps, "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-        "cuda_peak_mb": runs[0]["cuda_peak_mb"], "gflop_per_slice": vit_flops / 1e9,
-        "gflops": vit_flops * sps / 1e9, "fraction": vit_flops * sps / 1e9 / peak,
-    })
-
+    unet_flops = full_windows = None
     if not args.no_unet:
         net = build_dynunet().eval()
         unet_flops = flops_of(net, torch.zeros(1, 2, *NNUNET_PATCH))  # per window
         del net
         full_windows = count_windows((depth, height, width), NNUNET_PATCH, 0.5)
-        uruns = []
-        for i in range(args.unet_repeats or args.repeats):
-            uruns.append(run_child(_child_unet, str(case["ct"]), str(case["pet"]), args.device, args.threads,
-                                   args.unet_crop, 0.5, args.sw_batch))
-            print(f"unet run {i + 1}: {uruns[-1]}", file=sys.stderr)
-        windows = uruns[0]["windows"]
-        model_s = statistics.median(r["model_s"] for r in uruns)
-        wall_run = statistics.median(r["wall_s"] for r in uruns)
+
+    # side by side: each repeat runs the ViT, then the peer, so that both see the same load
+    vit_runs, unet_runs, pipe_runs = [], [], []
+    n_unet = args.no_unet and 0 or (args.unet_repeats if args.unet_repeats is not None else args.repeats)
+    for i in range(max(args.repeats, n_unet)):
+        if i < args.repeats:
+            vit_runs.append(run_child(_child_vit, str(model_dir), str(vit_ct), str(case["pet"]), args.device,
+                                      args.threads, matmul_n))
+            print(f"vit run {i + 1}: {vit_runs[-1]}", file=sys.stderr)
+        if i < n_unet:
+            unet_runs.append(run_child(_child_unet, str(case["ct"]), str(case["pet"]), args.device, args.threads,
+                                       args.unet_crop, 0.5, args.sw_batch, matmul_n))
+            print(f"unet run {i + 1}: {unet_runs[-1]}", file=sys.stderr)
+        if pipeline_dir is not None and i < args.repeats:
+            pipe_runs.append(run_child(_child_vit, str(pipeline_dir), str(case["ct"]), str(case["pet"]), args.device,
+                                       args.threads, matmul_n))
+            print(f"pipeline run {i + 1}: {pipe_runs[-1]}", file=sys.stderr)
+
+    # --- the ViT: model stages from its own runs (scaled to the whole volume), the rest from the whole-volume runs
+    vit_stages = _median_stages(vit_runs)
+    model_part = sum(vit_stages.get(k, 0.0) for k in MODEL_STAGES) * model_slices_full / model_slices_run
+    rest_runs = pipe_runs or vit_runs
+    rest = {k: v for k, v in _median_stages(rest_runs).items() if k not in MODEL_STAGES}
+    vit_wall = model_part + sum(rest.values())
+    vit_fraction = statistics.median(
+        vit_flops * model_slices_run / max(1e-9, sum(r["stages"].get(k, 0.0) for k in MODEL_STAGES)) / 1e9 / r["matmul_gflops"]
+        for r in vit_runs)
+    peak = statistics.median(r["matmul_gflops"] for r in vit_runs + unet_runs)
+    rows = [{
+        "model": f"MedDINOv3 {args.arch} {args.decoder} (2D, batch {args.batch_size})",
+        "device": f"{vit_runs[0]['device']} {vit_runs[0]['precision']}",
+        "grid": f"{gx}x{gy}x{gz}",
+        "ran": (f"model: {n_slices} of {depth} slices, extrapolated; the rest: whole volume ({Path(pipeline_dir).name})"
+                if pipeline_dir else "whole volume"),
+        "wall_s": vit_wall, "model_s": model_part, "rest_s": sum(rest.values()),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in vit_runs + pipe_runs),
+        "cuda_peak_mb": vit_runs[0]["cuda_peak_mb"], "gflop_per_slice": vit_flops / 1e9,
+        "gflops": vit_flops * model_slices_full / model_part / 1e9, "fraction": vit_fraction,
+        "stages": {**{k: vit_stages.get(k, 0.0) * model_slices_full / model_slices_run for k in MODEL_STAGES}, **rest},
+    }]
+
+    if unet_runs:
+        ustages = _median_stages(unet_runs)
+        windows = unet_runs[0]["windows"]
         wscale = full_windows / windows
-        window_rate = windows / model_s
+        vscale = (depth * height * width) / math.prod(unet_runs[0]["shape"])
+        umodel = ustages.get("model", 0.0) * wscale
+        urest = {k: v * (vscale if k != "load model" else 1.0) for k, v in ustages.items() if k != "model"}
         rows.append({
             "model": "DynUNet nnU-Net 3d_fullres-like (3D, 128^3, overlap 0.5)",
-            "device": f"{device} {uruns[0]['precision']}",
-            "ran": (f"crop {'x'.join(map(str, uruns[0]['shape']))}: {windows} of {full_windows} windows, extrapolated"
+            "device": f"{device} {unet_runs[0]['precision']}", "grid": f"{width}x{height}x{depth}",
+            "ran": (f"crop {'x'.join(map(str, unet_runs[0]['shape']))}: {windows} of {full_windows} windows, extrapolated"
                     if wscale > 1 else f"{windows} windows"),
-            "wall_s": (wall_run - model_s) * (depth * height * width) / math.prod(uruns[0]["shape"]) + model_s * wscale,
-            "model_s": model_s * wscale,
-            "slices_per_s": depth / (model_s * wscale), "peak_rss_mb": max(r["peak_rss_mb"] for r in uruns),
-            "cuda_peak_mb": uruns[0]["cuda_peak_mb"], "gflop_per_slice": unet_flops * full_windows / depth / 1e9,
-            "gflops": unet_flops * window_rate / 1e9, "fraction": unet_flops * window_rate / 1e9 / peak,
+            "wall_s": umodel + sum(urest.values()), "model_s": umodel + urest.get("argmax", 0.0),
+            "rest_s": sum(v for k, v in urest.items() if k != "argmax"),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in unet_runs), "cuda_peak_mb": unet_runs[0]["cuda_peak_mb"],
+            "gflop_per_slice": unet_flops * full_windows / depth / 1e9,
+            "gflops": unet_flops * full_windows / umodel / 1e9,
+            "fraction": statistics.median(unet_flops * windows / max(1e-9, r["stages"]["model"]) / 1e9 / r["matmul_gflops"]
+                                          for r in unet_runs),
+            "stages": {"model": umodel, **urest},
         })
 
+    loads = [r["load"] for r in vit_runs + unet_runs + pipe_runs]
     cpu = platform.processor() or platform.machine()
     print(f"\nCase: synthetic PET/CT, CT {width}x{height}x{depth} (x, y, z), PET on its own grid; "
-          f"device {device}, {args.threads} CPU thread(s) ({cpu}), torch {torch.__version__}; "
-          f"fp32 matmul {matmul_n}^3: {peak:.1f} GFLOP/s; median of {args.repeats} run(s).\n")
-    print("| model | device | ran | wall s / volume | model s / volume | slices / s | peak RSS (MB) | GPU peak (MB) | GFLOP / slice | achieved GFLOP/s | of fp32 matmul |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          f"device {device}, {args.threads} thread(s) ({cpu}), torch {torch.__version__}; fp32 matmul {matmul_n}^3: "
+          f"{peak:.1f} GFLOP/s (median, measured in each child before its run); {len(vit_runs)} ViT / {len(unet_runs)} "
+          f"U-Net run(s), interleaved, medians; 1-min load average {min(loads):.1f}-{max(loads):.1f} "
+          f"on {os.cpu_count()} CPU(s).\n")
+    print("| model | device | model grid | ran | wall s / volume | model s | pipeline s (share) | peak RSS (MB) | GPU peak (MB) "
+          "| GFLOP / slice | achieved GFLOP/s | of fp32 matmul |")
+    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         gpu = f"{r['cuda_peak_mb']:.0f}" if r["cuda_peak_mb"] is not None else "-"
-        print(f"| {r['model']} | {r['device']} | {r['ran']} | {r['wall_s']:.1f} | {r['model_s']:.1f} | {r['slices_per_s']:.2f} | "
-              f"{r['peak_rss_mb']:.0f} | {gpu} | {r['gflop_per_slice']:.1f} | {r['gflops']:.1f} | {100 * r['fraction']:.0f}% |")
-    print("\nwall: the whole job (read, resample, normalise, model, post-process, lesion statistics and writing for the "
-          "ViT; read, resample, normalise, sliding windows, argmax for the U-Net); model: the network alone (ViT: "
-          "slices / steady-state rate after the first batch). Peak RSS: VmHWM of the child process that ran it.")
-    if any("extrapolated" in r["ran"] for r in rows):
-        print("\nExtrapolated rows: wall time scaled linearly from the subset to the whole volume (ViT: by slices; "
-              "U-Net: model time by windows, the rest by voxels); peak RSS is that of the subset run.")
+        print(f"| {r['model']} | {r['device']} | {r['grid']} | {r['ran']} | {r['wall_s']:.1f} | {r['model_s']:.1f} | "
+              f"{r['rest_s']:.1f} ({100 * r['rest_s'] / r['wall_s']:.0f}%) | {r['peak_rss_mb']:.0f} | {gpu} | "
+              f"{r['gflop_per_slice']:.1f} | {r['gflops']:.1f} | {100 * r['fraction']:.0f}% |")
+    if len(rows) == 2:
+        print(f"\nDynUNet / ViT wall time: {rows[1]['wall_s'] / rows[0]['wall_s']:.1f}x "
+              f"(model part alone: {rows[1]['model_s'] / rows[0]['model_s']:.1f}x)")
+    names = []
+    for r in rows:
+        names += [k for k in r["stages"] if k not in names]
+    print("\nStages, seconds per whole volume (the `dinomed segment --profile` markers; medians):\n")
+    print("| stage | " + " | ".join(r["model"].split(" (")[0] for r in rows) + " |")
+    print("| --- |" + " ---: |" * len(rows))
+    for k in names:
+        print(f"| {k} | " + " | ".join(f"{r['stages'][k]:.2f}" if k in r["stages"] else "-" for r in rows) + " |")
+    print("\nwall: the whole job; model: the network and its argmax; pipeline: everything else (read, PET resample, "
+          "normalise, post-process, lesion statistics, write, model loading, checks). Peak RSS: VmHWM of the child "
+          "process (for the ViT the larger of its subset run and the whole-volume pipeline run). Achieved GFLOP/s "
+          "and the matmul fraction: per run against that run's own matmul measurement, median.")
+    if pipeline_dir:
+        print(f"\nViT: the network's stages were timed on {n_slices} central slices and scaled to the volume's "
+              f"{model_slices_full} model-grid slices; every other stage comes from whole-volume runs of "
+              f"`segment_files` with {pipeline_dir.name} (a trained model, so post-processing and lesion statistics "
+              "see realistic label maps; random ViT weights would give noise).")
+    if any("extrapolated" in r["ran"] for r in rows[1:]):
+        print("U-Net: model time scaled by the window count, the other stages by the voxel count.")
     if args.json:
-        Path(args.json).write_text(json.dumps({"matmul_gflops": peak, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"matmul_gflops": peak, "rows": rows, "vit_runs": vit_runs,
+                                               "unet_runs": unet_runs, "pipeline_runs": pipe_runs}, indent=2))
     return 0
 
 

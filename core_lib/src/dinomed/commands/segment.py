@@ -1,6 +1,8 @@
 """``dinomed segment``: segment a CT or PET/CT volume with a model folder; label map on the CT grid + lesion table."""
 from __future__ import annotations
 
+import sys
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -19,19 +21,27 @@ def register(subparsers) -> None:
     p.add_argument("--stats", default=None, metavar="STATS", help="lesion statistics table (.csv or .json); needs --pet")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--events", action="store_true", help="write JSON-lines events on stdout (progress, artifact, done)")
+    p.add_argument("--profile", action="store_true",
+                   help="time each stage (read, resample, normalise, model, argmax, post-process, lesion statistics, "
+                   "write): a table on stderr, and the seconds under 'stages' in the done event")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..events import EventWriter
+    from ..inference.profile import profiling
     from ..inference.segment import segment_files
 
     events = EventWriter(enabled=args.events)
-    result = segment_files(args.model, args.ct, args.out, pet_path=args.pet, stats_path=args.stats,
-                           device=args.device, events=events)
+    with profiling() as profile:
+        result = segment_files(args.model, args.ct, args.out, pet_path=args.pet, stats_path=args.stats,
+                               device=args.device, events=events)
     message = f"segmented in {result.seconds:.1f} s on {result.device} ({result.precision})"
     if args.pet:
         message += f"; {result.lesion_count} lesion(s)"
     events.log(message)
-    events.done(seconds=round(result.seconds, 3), lesions=result.lesion_count)
+    extra = {"stages": profile.as_dict()["stages"]} if args.profile else {}
+    if args.profile:
+        print(profile.summary(), file=sys.stderr)
+    events.done(seconds=round(result.seconds, 3), lesions=result.lesion_count, **extra)
     return 0

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import DinomedError, InputImageError
+from .profile import stage, timed_stage
 
 SLAB_WINDOWS = 4  # a 3D slab spans this many window depths (plus context), bounding memory on long volumes
 
@@ -51,6 +52,7 @@ def check_channels(model_json: dict, channels) -> np.ndarray:
     return np.ascontiguousarray(image, dtype=np.float32)
 
 
+@timed_stage("model")
 @torch.inference_mode()
 def predict_volume(
     model: nn.Module,
@@ -88,12 +90,18 @@ def _predict_slices(model, image: np.ndarray, batch_size: int, amp, progress) ->
     for start in range(0, depth, max(1, batch_size)):
         stop = min(depth, start + batch_size)
         batch = torch.from_numpy(np.ascontiguousarray(image[:, start:stop].transpose(1, 0, 2, 3))).to(device)
-        with autocast_for(device, amp):
-            logits = model(batch)
-        out[start:stop] = logits.argmax(dim=1).to("cpu", torch.uint8).numpy()
+        out[start:stop] = slice_labels(model, batch, amp)
         if progress is not None:
             progress(stop, depth)
     return out
+
+
+def slice_labels(model: nn.Module, batch: torch.Tensor, amp=None) -> np.ndarray:
+    """The label map ``(B, H, W)`` uint8 of a batch of slices ``(B, C, H, W)`` on the model's device."""
+    with autocast_for(batch.device, amp):
+        logits = model(batch)
+    with stage("argmax"):
+        return logits.argmax(dim=1).to("cpu", torch.uint8).numpy()
 
 
 def _predict_sliding(model, image: np.ndarray, roi: list[int], overlap: float, batch_size: int, amp,
@@ -111,7 +119,8 @@ def _predict_sliding(model, image: np.ndarray, roi: list[int], overlap: float, b
         x = torch.from_numpy(np.ascontiguousarray(image[None, :, lo:hi])).to(device)
         with autocast_for(device, amp):
             logits = sliding_window_inference(x, roi, max(1, batch_size), model, overlap=overlap, mode="gaussian")
-        labels = logits.argmax(dim=1)[0].to("cpu", torch.uint8).numpy()
+        with stage("argmax"):
+            labels = logits.argmax(dim=1)[0].to("cpu", torch.uint8).numpy()
         out[start:stop] = labels[start - lo: stop - lo]
         if progress is not None:
             progress(stop, depth)

@@ -76,7 +76,7 @@ def suv_peak(pet: np.ndarray, hottest_zyx: tuple[int, int, int], spacing_zyx, ra
     offsets = _sphere_offsets(np.asarray(spacing_zyx, dtype=np.float64), radius_mm) + np.asarray(hottest_zyx)
     inside = np.all((offsets >= 0) & (offsets < np.asarray(pet.shape)), axis=1)
     idx = offsets[inside]
-    return float(pet[idx[:, 0], idx[:, 1], idx[:, 2]].mean())
+    return float(pet[idx[:, 0], idx[:, 1], idx[:, 2]].astype(np.float64).mean())
 
 
 def _row(label, name, lesion, pet, spacing_zyx, image, coords, values) -> LesionStats:
@@ -122,29 +122,33 @@ def lesion_statistics(
         if not np.array_equal(rounded, lab):
             raise InputImageError("the label map holds non-integer values; expected a label map (0 = background)")
         lab = rounded.astype(np.int64)
-    pet = sitk.GetArrayFromImage(pet_suv).astype(np.float64)
+    pet = sitk.GetArrayViewFromImage(pet_suv)  # float32 as read: only the voxels of a lesion become float64
     spacing_zyx = np.asarray(labels.GetSpacing()[::-1], dtype=np.float64)
     values_wanted = sorted(int(v) for v in (np.unique(lab[lab != 0]) if label_values is None else label_values))
     names = dict(label_names or {})
+    # one pass over the volume finds every label's bounding box; components are labelled inside it only
+    boxes = ndimage.find_objects(lab, max_label=max([v for v in values_wanted if v > 0], default=0)) if values_wanted else []
     rows: list[LesionStats] = []
     for value in values_wanted:
         name = names.get(value, f"label {value}")
-        mask = lab == value
-        if not mask.any():
+        box = boxes[value - 1] if 0 < value <= len(boxes) else None
+        if box is None:
             continue
+        origin = np.array([s.start for s in box])
+        mask = lab[box] == value
         components, count = ndimage.label(mask, structure=CONNECTIVITY_26)
         per_lesion = []
-        for number, box in enumerate(ndimage.find_objects(components), start=1):
-            local = np.argwhere(components[box] == number)
-            coords = local + np.array([s.start for s in box])
-            values = pet[coords[:, 0], coords[:, 1], coords[:, 2]]
+        for number, local_box in enumerate(ndimage.find_objects(components), start=1):
+            local = np.argwhere(components[local_box] == number)
+            coords = local + np.array([s.start for s in local_box]) + origin
+            values = pet[coords[:, 0], coords[:, 1], coords[:, 2]].astype(np.float64)
             per_lesion.append((coords, values))
         per_lesion.sort(key=lambda cv: -cv[1].size)
         for rank, (coords, values) in enumerate(per_lesion, start=1):
             rows.append(_row(value, name, rank, pet, spacing_zyx, labels, coords, values))
-        all_coords = np.argwhere(mask)
+        all_coords = np.argwhere(mask) + origin
         rows.append(_row(value, name, "total", pet, spacing_zyx, labels, all_coords,
-                         pet[all_coords[:, 0], all_coords[:, 1], all_coords[:, 2]]))
+                         pet[all_coords[:, 0], all_coords[:, 1], all_coords[:, 2]].astype(np.float64)))
     return rows
 
 

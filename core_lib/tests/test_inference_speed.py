@@ -1,0 +1,115 @@
+"""The faster inference paths give the same results as the straightforward ones (speed itself is measured in
+``benchmarks/inference.py``, never here): small-component removal inside bounding boxes against SimpleITK's
+whole-volume connected components, lesion statistics inside bounding boxes against a whole-volume labelling,
+and the stage profile of a real ``dinomed segment`` run."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from dinomed.cli import main
+from dinomed.inference.profile import profiling, stage
+from dinomed.inference.segment import remove_small_components
+from dinomed.petct import lesion_statistics
+from dinomed.synthetic import label_entries
+
+
+def _blobs(seed: int, shape=(24, 40, 36), labels=(1, 2, 3)) -> np.ndarray:
+    """A label map of random blobs of several sizes (many small components, some touching by a corner only)."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros(shape, np.uint8)
+    for value in labels:
+        noise = ndimage.gaussian_filter(rng.standard_normal(shape), 1.2)
+        out[(noise > 0.25) & (out == 0)] = value
+    out[3, 3, 3] = out[4, 4, 4] = 1  # two voxels touching by a corner: one component under 26-connectivity
+    return out
+
+
+def _reference_removal(image: sitk.Image, minimum: dict[int, int]) -> np.ndarray:
+    """The straightforward path: SimpleITK connected components of each label over the whole volume."""
+    array = sitk.GetArrayFromImage(image)
+    for value, size in minimum.items():
+        kept = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.Equal(image, value), True), minimumObjectSize=size)
+        array[(array == value) & (sitk.GetArrayViewFromImage(kept) == 0)] = 0
+    return array
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_remove_small_components_matches_whole_volume_components(seed):
+    array = _blobs(seed)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.5, 1.5, 3.0))
+    minimum = {1: 20, 3: 5, 7: 4}  # label 7 is absent
+    got = sitk.GetArrayFromImage(remove_small_components(image, minimum))
+    expected = _reference_removal(image, {1: 20, 3: 5})
+    assert (got != array).any(), "the phantom should have small components to remove"
+    np.testing.assert_array_equal(got, expected)
+
+
+def _reference_lesions(pet: np.ndarray, lab: np.ndarray, value: int) -> list[tuple[int, float, float]]:
+    """(voxels, SUVmax, SUVmean) per 26-connected component over the whole volume, largest first."""
+    components, count = ndimage.label(lab == value, structure=np.ones((3, 3, 3), bool))
+    rows = []
+    for number in range(1, count + 1):
+        values = pet[components == number].astype(np.float64)
+        rows.append((values.size, float(values.max()), float(values.mean())))
+    return sorted(rows, key=lambda r: -r[0])
+
+
+def test_lesion_statistics_in_bounding_boxes_match_whole_volume_labelling():
+    lab = _blobs(3)
+    pet = np.random.default_rng(4).gamma(2.0, 1.5, lab.shape).astype(np.float32)
+    labels, pet_image = sitk.GetImageFromArray(lab), sitk.GetImageFromArray(pet)
+    for image in (labels, pet_image):
+        image.SetSpacing((2.0, 2.0, 3.0))
+        image.SetOrigin((-10.0, 5.0, 30.0))
+    rows = lesion_statistics(pet_image, labels, label_values=[1, 2, 9])
+    for value in (1, 2):
+        got = [(r.voxels, r.suv_max, r.suv_mean) for r in rows if r.label == value and r.lesion != "total"]
+        expected = _reference_lesions(pet, lab, value)
+        assert [g[0] for g in got] == [e[0] for e in expected]
+        np.testing.assert_allclose([g[1:] for g in got], [e[1:] for e in expected], rtol=1e-12)
+        total = next(r for r in rows if r.label == value and r.lesion == "total")
+        assert total.voxels == int((lab == value).sum())
+        np.testing.assert_allclose(total.suv_mean, pet[lab == value].astype(np.float64).mean(), rtol=1e-12)
+    assert not [r for r in rows if r.label == 9]
+
+
+def test_profile_stages_are_exclusive_and_add_up():
+    with profiling() as profile:
+        with stage("outer"):
+            with stage("inner"):
+                sum(range(20000))
+        with stage("inner"):
+            pass
+    with stage("nobody listens"):  # no active profile: a no-op
+        pass
+    d = profile.as_dict()
+    assert set(d["stages"]) == {"outer", "inner", "other"} and profile.calls["inner"] == 2
+    assert abs(sum(d["stages"].values()) - d["wall_s"]) < 2e-3
+
+
+def test_segment_profile_reports_every_stage(tmp_path, capsys):
+    from test_segment import _model_folder  # the tiny model folder of the segment tests
+
+    from dinomed.synthetic import make_phantom
+
+    phantom = make_phantom(5, shape=(8, 32, 32), n_lesions=2)
+    sitk.WriteImage(phantom.ct, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(phantom.pet, str(tmp_path / "pet.nii.gz"))
+    model = _model_folder(tmp_path / "model", favour=1)
+    rc = main(["segment", "--model", str(model), "--ct", str(tmp_path / "ct.nii.gz"), "--pet", str(tmp_path / "pet.nii.gz"),
+               "--out", str(tmp_path / "seg.nii.gz"), "--stats", str(tmp_path / "les.csv"), "--events", "--profile"])
+    captured = capsys.readouterr()
+    assert rc == 0
+    done = [json.loads(line) for line in captured.out.splitlines() if '"done"' in line][-1]
+    stages = done["stages"]
+    for name in ("read", "resample PET", "normalise", "model", "argmax", "post-process", "lesion statistics", "write",
+                 "load model", "other"):
+        assert name in stages and stages[name] >= 0.0, name
+    assert "lesion statistics" in captured.err and "wall" in captured.err
+    assert label_entries()  # the model's labels are the phantom's

@@ -298,6 +298,8 @@ def main(argv=None) -> int:
                         help="with --slices: the trained model folder whose whole-volume run gives the non-model stage "
                         "times (default: the bundled demo PET/CT model)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pipeline-repeats", type=int, default=1,
+                        help="whole-volume pipeline runs with --slices (each runs the pipeline model on every slice)")
     parser.add_argument("--unet-repeats", type=int, default=None, help="default: --repeats")
     parser.add_argument("--batch-size", type=int, default=8, help="ViT slices per batch")
     parser.add_argument("--sw-batch", type=int, default=1, help="U-Net windows per batch")
@@ -309,6 +311,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
 
+    import dinomed  # noqa: F401  (its environment settings, e.g. huge pages for torch, reach the children too)
     import torch
 
     from dinomed.inference.segment import model_grid, read_ct, resolve_device
@@ -358,7 +361,7 @@ def main(argv=None) -> int:
             unet_runs.append(run_child(_child_unet, str(case["ct"]), str(case["pet"]), args.device, args.threads,
                                        args.unet_crop, 0.5, args.sw_batch, matmul_n))
             print(f"unet run {i + 1}: {unet_runs[-1]}", file=sys.stderr)
-        if pipeline_dir is not None and i < args.repeats:
+        if pipeline_dir is not None and i < args.pipeline_repeats:
             pipe_runs.append(run_child(_child_vit, str(pipeline_dir), str(case["ct"]), str(case["pet"]), args.device,
                                        args.threads, matmul_n))
             print(f"pipeline run {i + 1}: {pipe_runs[-1]}", file=sys.stderr)

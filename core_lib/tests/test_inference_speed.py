@@ -113,3 +113,35 @@ def test_segment_profile_reports_every_stage(tmp_path, capsys):
         assert name in stages and stages[name] >= 0.0, name
     assert "lesion statistics" in captured.err and "wall" in captured.err
     assert label_entries()  # the model's labels are the phantom's
+
+
+@pytest.mark.parametrize("decoder", ["patch_decode", "progressive"])
+def test_prepared_model_gives_the_labels_of_the_plain_path(decoder):
+    """predict_volume with the CPU-prepared model (channels-last) and max-indices labels equals the plain model's
+    logits argmax slice by slice, on a small PET/CT phantom."""
+    import copy
+
+    import torch
+
+    from dinomed.inference.predict import class_labels, predict_volume, prepare_for_inference
+    from dinomed.inference.segment import model_channels
+    from dinomed.models import build_model, model_json_template
+    from dinomed.synthetic import make_phantom
+
+    phantom = make_phantom(11, shape=(8, 48, 40), n_lesions=2)
+    model = build_model({"name": "meddinov3", "backbone": "vit_tiny", "in_chans": 2, "num_classes": 10,
+                         "decoder": decoder, "decoder_channels": [16, 16, 8, 8]}).eval()
+    model_json = model_json_template(model, name="t", labels=label_entries(), inference={"batch_size": 4})
+    pet = sitk.Resample(phantom.pet, phantom.ct, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    channels = model_channels(model_json, phantom.ct, pet)
+    with torch.inference_mode():
+        plain = model(torch.from_numpy(np.ascontiguousarray(channels.transpose(1, 0, 2, 3))))
+    expected = plain.argmax(dim=1).numpy().astype(np.uint8)
+    np.testing.assert_array_equal(class_labels(plain), expected)
+    prepared = prepare_for_inference(copy.deepcopy(model), "cpu")
+    assert prepared.decoder.classifier.weight.is_contiguous(memory_format=torch.channels_last)
+    got = predict_volume(prepared, model_json, channels)
+    top2 = torch.topk(plain, 2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]).numpy() > 1e-4  # float rounding may only flip near-ties
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(got[clear], expected[clear])

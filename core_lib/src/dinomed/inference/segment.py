@@ -415,7 +415,10 @@ def segment_files(
         pet = pet_on_ct_grid(read_pet_suv(pet_path), ct, pet_name=f"PET {pet_path}", ct_name=f"CT {ct_path}")
     torch_device = resolve_device(device)
     with stage("load model"):
+        from .predict import prepare_for_inference
+
         model, model_json = load_model_folder(model_dir, device=torch_device)
+        model = prepare_for_inference(model, torch_device)
     dtype = autocast_dtype(torch_device)
     precision = "fp32" if dtype is None else str(dtype).replace("torch.", "")
     events.log(f"segmenting {ct_path} with {model_json.get('name', model_dir)} on {torch_device} ({precision})")

@@ -204,6 +204,12 @@ class DINOSegWebApp(TrameApp):
         self._init_state()
         self._build_ui()
         self.refresh_models()
+        self.server.controller.on_client_connected.add(self._render_all_views)
+
+    def _render_all_views(self, *_):
+        """A page opened (or reloaded) later gets the current frames: the views push images only on render."""
+        for view in self.slicer_app.view_manager.get_views():
+            view.schedule_render()
 
     # -- state ----------------------------------------------------------------------------------------
     def _init_state(self):
@@ -220,6 +226,7 @@ class DINOSegWebApp(TrameApp):
         s.overlay = "PET"
         s.suv_max = self.suv_max
         s.suv_bar = "linear-gradient(to right, black, white)"
+        s.cosine_bar = "linear-gradient(to right, black, white)"
         s.models = []
         s.model = None
         s.devices = list(DEVICES)
@@ -299,15 +306,25 @@ class DINOSegWebApp(TrameApp):
                     VBtn("Open", click=self.on_load, id="load-button", color="primary", size="small",
                          disabled=("job_running",))
                     html.Div("{{ case_name }}", id="case-name", classes="text-caption mt-1")
-                    with html.Div(v_if=("pet_loaded",), classes="mt-2"):
-                        VSlider(label="PET", v_model=("pet_opacity",), min=0, max=1, step=0.05,
+                    with html.Div(v_if=("case_loaded",), classes="mt-2"):
+                        VSlider(label="Overlay", v_model=("pet_opacity",), min=0, max=1, step=0.05,
                                 density="compact", hide_details=True, id="pet-opacity")
-                        html.Div(style=("{background: suv_bar, height: '12px', borderRadius: '2px'}",),
-                                 id="suv-colour-bar")
-                        with html.Div(style="display:flex; justify-content: space-between;", classes="text-caption"):
-                            html.Span("0")
-                            html.Span("SUV (g/ml), {{ overlay === 'PET' ? 'PET fused over CT' : overlay }}")
-                            html.Span("{{ suv_max }}")
+                        with html.Div(v_if=("overlay === 'PET' && pet_loaded",), id="suv-colour-bar"):
+                            html.Div(style=("{background: suv_bar, height: '12px', borderRadius: '2px'}",))
+                            with html.Div(style="display:flex; justify-content: space-between;",
+                                          classes="text-caption"):
+                                html.Span("0")
+                                html.Span("PET fused over CT: SUV (g/ml)")
+                                html.Span("{{ suv_max }}")
+                        with html.Div(v_if=("overlay === 'Cosine similarity'",), id="cosine-colour-bar"):
+                            html.Div(style=("{background: cosine_bar, height: '12px', borderRadius: '2px'}",))
+                            with html.Div(style="display:flex; justify-content: space-between;",
+                                          classes="text-caption"):
+                                html.Span("-1")
+                                html.Span("cosine similarity to the point (< 0 hidden)")
+                                html.Span("1")
+                        html.Div("PCA map: the features' first three principal components as RGB",
+                                 v_if=("overlay.startsWith('PCA')",), classes="text-caption")
             VDivider()
             # -- model and segmentation ------------------------------------------------------------------
             with VCard(variant="flat"):
@@ -437,6 +454,7 @@ class DINOSegWebApp(TrameApp):
             display.show_pet_ct(self.scene, self.ct, self.pet, opacity=s.pet_opacity, suv_max=self.suv_max)
             self.slicer_app.display_manager.reset_views()
             s.suv_bar = colour_bar_css(self.scene, display.PET_COLOR_NODE_ID)
+            s.cosine_bar = colour_bar_css(self.scene, "vtkMRMLColorTableNodeRainbow")
             s.pet_loaded = self.pet is not None
             s.overlay = "PET"
             s.case_loaded = True
@@ -775,7 +793,7 @@ def parse_args(argv=None):
                         help="the server folder whose volumes and DICOM folders the page offers")
     parser.add_argument("--models-dir", default=str(default_models_dir()), help="your model folders")
     parser.add_argument("--output-dir", default=os.environ.get("DINOSEG_OUTPUT_DIR",
-                                                               os.path.join(os.getcwd(), "dinoseg_output")),
+                                                               os.path.join(os.path.expanduser("~"), "dinoseg_output")),
                         help="default folder for saved segmentations and the training set")
     parser.add_argument("--suv-max", type=float, default=10.0, help="top of the PET colour bar (SUV)")
     return parser.parse_args(argv)

@@ -10,6 +10,8 @@ from typing import Annotated, Optional
 
 import qt
 import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -20,23 +22,24 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from DINOPretrainLib import TrainingRunLogic
-from DINOSegLib import dependencies
+from DINOSegLib import dependencies, docs
 from DINOSegLib.models import BUNDLED_MODELS_DIR
 
 
 class DINOPretrain(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "DINOPretrain"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("DINOPretrain")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = ["DINOSeg"]  # shares DINOSegLib (process runner, model folders)
-        self.parent.contributors = ["DINOSeg developers"]
-        self.parent.helpText = """
+        self.parent.contributors = ["DINOSeg maintainers (DINOSeg project)"]
+        self.parent.helpText = _("""
 Pretrain a DINOv3 encoder on folders of unlabeled CT or PET (self-distillation, Gram anchoring,
 high-resolution adaptation), or finetune a segmentation model on a labeled dataset; watch the loss and Dice,
 stop and resume, and register the finetuned model in DINOSeg.
-"""
-        self.parent.acknowledgementText = "Built on DINOv3 (Meta AI) and the dinomed core library."
+See the <a href="{url}">documentation</a> (section "In 3D Slicer").
+""").format(url=docs.readme_url())
+        self.parent.acknowledgementText = _("Built on DINOv3 (Meta AI) and the dinomed core library.")
 
 
 @parameterNodeWrapper
@@ -89,7 +92,7 @@ class DINOPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _launch(self, resume: bool) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Could not start the run.", waitCursor=True):
-            if not dependencies.ensure_dependencies(confirm=slicer.util.confirmOkCancelDisplay):
+            if not dependencies.ensure_in_slicer():
                 return
             if resume:
                 self.logic.run.resume()

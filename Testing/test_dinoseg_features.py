@@ -105,15 +105,13 @@ def test_cosine_map_follows_the_markups_point(scene, ct, grid):
 def test_features_from_a_real_dinomed_child(scene, ct, tmp_path, dinomed_python):
     """`dinomed features` (random tiny ViT) writes the cache and the PCA map; both land on the CT's grid and
     the live cosine map from the cache agrees with the one dinomed writes."""
-    import functools
+    from DINOSegLib import DINOSegLogic, Job
 
-    from DINOSegLib import DINOSegLogic, DinomedProcess
-
-    logic = DINOSegLogic(scene, process_factory=functools.partial(DinomedProcess, python=dinomed_python))
+    logic = DINOSegLogic(scene, python=dinomed_python)
     random_tiny = ["--arch", "vit_tiny", "--random-init", "--device", "cpu"]
     job = logic.start_features(ct, cache_dir=tmp_path / "cache", extra_args=random_tiny, work_dir=tmp_path / "work")
     pca_node, grid = logic.finish_features(job, keep_files=True)
-    assert job.process.progress.total > 0
+    assert job.job.progress[1] > 0
     np.testing.assert_allclose(volumes.ijk_to_ras(pca_node), volumes.ijk_to_ras(ct), atol=1e-4)
     assert pca_node.GetImageData().GetDimensions() == ct.GetImageData().GetDimensions()
     assert pca_node.GetImageData().GetNumberOfScalarComponents() == 3
@@ -122,13 +120,12 @@ def test_features_from_a_real_dinomed_child(scene, ct, tmp_path, dinomed_python)
     # dinomed's own cosine map (3D, bilinear) for a voxel at a patch centre
     ijk = (23, 8, 2)
     out = tmp_path / "cosine.nrrd"
-    process = DinomedProcess(python=dinomed_python)
-    process.start(["features", "--image", str(tmp_path / "work" / "image.nrrd"), "--cache", str(tmp_path / "cache"),
+    process = Job(["features", "--image", str(tmp_path / "work" / "image.nrrd"), "--cache", str(tmp_path / "cache"),
                    "--cosine", ",".join(map(str, ijk)), "--point-space", "index", "--cosine-mode", "3d",
-                   "--cosine-out", str(out), *random_tiny])
+                   "--cosine-out", str(out), *random_tiny], python=dinomed_python).start()
     process.wait(timeout=300)
     process.check()
-    assert process.artifacts()["features"]  # the second run read the cache
+    assert process.artifacts["features"]  # the second run read the cache
     theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     ours = grid.cosine_map(ijk)
     centres = np.ix_(range(6), [7, 8, 23, 24, 39, 40], [7, 8, 23, 24, 39])

@@ -3,7 +3,6 @@ SUV by ``dinomed suv``), lesion table from ``dinomed lesions``, and ``dinomed se
 from __future__ import annotations
 
 import csv
-import functools
 import json
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import slicer
 
-from DINOSegLib import DINOSegLogic, DinomedProcess, lesions, volumes
+from DINOSegLib import DINOSegLogic, Job, JobState, lesions, volumes
 from DINOSegLib import segmentation as seglib
 from DINOSegLib.models import read_model_info
 from dinoseg_testdata import MODEL_JSON
@@ -23,20 +22,19 @@ def phantom(tmp_path_factory):
     import sys
 
     out = tmp_path_factory.mktemp("phantom")
-    process = DinomedProcess(python=sys.executable)
-    process.start(["phantom", "--out", str(out), "--seed", "1", "--shape", "32,48,48", "--oblique", "--dicom"])
-    assert process.wait(timeout=120) == 0
-    process.check()
-    progress = [(e["done"], e["total"]) for e in process.events_of("progress")]
+    job = Job(["phantom", "--out", str(out), "--seed", "1", "--shape", "32,48,48", "--oblique", "--dicom"],
+              python=sys.executable).start()
+    assert job.wait(timeout=120) is JobState.SUCCEEDED
+    progress = [(e["done"], e["total"]) for e in job.events_of("progress")]
     assert progress == [(0, 1), (1, 1)]
-    artifacts = process.artifacts()
+    artifacts = job.artifacts
     assert {"ct", "pet", "labels", "ct_dicom", "pet_dicom"} <= set(artifacts)
     return out
 
 
 @pytest.fixture
 def logic(scene, dinomed_python):
-    return DINOSegLogic(scene, process_factory=functools.partial(DinomedProcess, python=dinomed_python))
+    return DINOSegLogic(scene, python=dinomed_python)
 
 
 def test_oblique_phantom_ct_and_labels_land_where_simpleitk_puts_them(scene, logic, phantom):
@@ -74,11 +72,10 @@ def test_load_pet_ct_from_dicom_converts_pet_to_suv(scene, logic, phantom):
 def test_lesion_table_holds_the_values_of_dinomed_lesions(scene, logic, phantom, tmp_path, dinomed_python):
     # what the command line gives for the phantom's lesion label
     direct = tmp_path / "direct.csv"
-    process = DinomedProcess(python=dinomed_python)
-    process.start(["lesions", "--pet", str(phantom / "pet.nii.gz"), "--seg", str(phantom / "labels.nii.gz"),
-                   "--labels", "1", "--out", str(direct)])
-    process.wait(timeout=120)
-    process.check()
+    job = Job(["lesions", "--pet", str(phantom / "pet.nii.gz"), "--seg", str(phantom / "labels.nii.gz"),
+               "--labels", "1", "--out", str(direct)], python=dinomed_python).start()
+    job.wait(timeout=120)
+    job.check()
     with open(direct, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) >= 2  # at least one lesion and the total
@@ -124,9 +121,8 @@ def test_segment_with_a_tiny_model(scene, logic, phantom, tmp_path):
     ct = logic.load_ct(phantom / "ct.nii.gz")
     pet = logic.load_pet(phantom / "pet.nii.gz")
     seen = []
-    job = logic.start_segmentation(ct, folder, pet=pet, device="cpu")
-    job.process.on_event = seen.append
-    result = logic.finish_segmentation(job, keep_files=True)
+    task = logic.start_segmentation(ct, folder, pet=pet, device="cpu", on_event=seen.append)
+    result = logic.finish_segmentation(task, keep_files=True)
     assert any(e["event"] == "progress" for e in seen)
     seg = result.segmentation
     segmentation = seg.GetSegmentation()

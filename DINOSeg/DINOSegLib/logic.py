@@ -1,10 +1,13 @@
 """DINOSeg's logic: from scene nodes to a ``dinomed`` child process and back to scene nodes.
 
-``DINOSegLogic`` takes the scene (and optionally a process factory) as arguments, so the same code runs in
-Slicer, in a batch script and in the headless tests. A segmentation is two steps so that the GUI stays
-live in between: :meth:`start_segmentation` writes the inputs and starts ``dinomed segment``;
-:meth:`finish_segmentation` turns the outputs into a segmentation node and a lesion table.
-:meth:`segment` does both, blocking.
+``DINOSegLogic`` takes the scene (and optionally the Python that runs ``dinomed``) as arguments, so the same
+code runs in Slicer, in the browser front-end, in a batch script and in the headless tests. Every long step
+is two calls so that the GUI stays live in between: ``start_…`` writes the inputs and starts a
+:class:`~DINOSegLib.jobs.Job` (the front-end's timer calls ``job.tick()``; ``on_finish`` fires when it
+ended); ``finish_…`` turns the outputs into scene nodes. ``segment`` / ``load_pet`` do both, blocking.
+
+A job may outlive its inputs: the scene can be closed, or the CT deleted, while the child runs.
+``finish_…`` then raises :class:`InputRemovedError` and adds nothing to the scene (the result is dropped).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from typing import Callable
 from .display import set_suv_units, show_pet_ct
 from .lesions import lesion_table_node
 from .models import BUNDLED_MODELS_DIR, ModelInfo, list_model_folders, read_model_info
-from .process import DinomedProcess
+from .jobs import Job, JobState
 from .segmentation import place_in_study, segmentation_from_labelmap
 from .volumes import read_volume, write_volume
 
@@ -29,9 +32,24 @@ class DINOSegError(RuntimeError):
     """Something the user can fix (missing input, wrong model for the inputs); shown as one line."""
 
 
+class InputRemovedError(DINOSegError):
+    """An input node left the scene (scene closed, node deleted) while its job ran: the result is dropped."""
+
+
+def _in_scene(scene, node) -> bool:
+    return node is not None and node.GetScene() is scene and scene.GetNodeByID(node.GetID()) is node
+
+
+def _require_in_scene(scene, task_title: str, *nodes) -> None:
+    for node in nodes:
+        if node is not None and not _in_scene(scene, node):
+            raise InputRemovedError(f"{task_title}: the input volume was removed from the scene while the job ran; "
+                                    "the result was dropped")
+
+
 @dataclass
 class SegmentationJob:
-    """A running ``dinomed segment``: its inputs, the files it will write, and the process."""
+    """A running ``dinomed segment``: its inputs, the files it will write, and the :class:`Job`."""
 
     ct: object
     pet: object | None
@@ -39,7 +57,18 @@ class SegmentationJob:
     work_dir: Path
     out_path: Path
     stats_path: Path | None
-    process: DinomedProcess
+    job: Job
+    name: str
+
+
+@dataclass
+class SuvJob:
+    """A running ``dinomed suv`` (PET DICOM series -> SUV volume)."""
+
+    source: Path
+    work_dir: Path
+    out_path: Path
+    job: Job
     name: str
 
 
@@ -51,14 +80,19 @@ class SegmentationResult:
 
 
 class DINOSegLogic:
-    """Qt-free logic of the DINOSeg module. ``process_factory()`` makes the runner (a
-    :class:`~DINOSegLib.process.DinomedProcess` by default; tests pass one with a given Python)."""
+    """Qt-free logic of the DINOSeg module. ``python`` runs ``dinomed`` (default: Slicer's own Python, see
+    :func:`~DINOSegLib.jobs.default_python`); ``models_dirs`` are the folders the model list shows."""
 
-    def __init__(self, scene, process_factory: Callable[[], DinomedProcess] | None = None,
-                 models_dirs: list[str | os.PathLike] | None = None):
+    def __init__(self, scene, python: str | None = None, models_dirs: list[str | os.PathLike] | None = None):
         self.scene = scene
-        self.process_factory = process_factory or DinomedProcess
+        self.python = python
         self.models_dirs = [Path(p) for p in (models_dirs or [BUNDLED_MODELS_DIR])]
+
+    def make_job(self, args, title: str = "", temp_paths=(), on_event: Callable[[dict], None] | None = None,
+                 on_finish: Callable[[Job], None] | None = None) -> Job:
+        """A (not yet started) :class:`Job` running ``dinomed args`` with this logic's Python."""
+        return Job(args, title=title, python=self.python, temp_paths=temp_paths, on_event=on_event,
+                   on_finish=on_finish)
 
     # -- models ---------------------------------------------------------------------------------------
     def available_models(self) -> list[Path]:
@@ -73,31 +107,56 @@ class DINOSegLogic:
         """``dinomed suv`` arguments: PET DICOM series to body-weight SUV (issue 3's CLI)."""
         return ["suv", str(pet_dicom), "--out", str(out_path)]
 
-    def load_pet(self, path: str | os.PathLike, name: str | None = None, timeout: float | None = 600):
-        """A PET in SUV: a DICOM folder is converted by ``dinomed suv`` in a child process (QIBA SUV, decay
-        correction); a NIfTI/NRRD file is taken as already in SUV."""
+    @staticmethod
+    def is_dicom_path(path: str | os.PathLike) -> bool:
+        """A DICOM folder or a file of a DICOM series (by name: a folder, ``.dcm``/``.ima``, or no suffix)."""
         path = Path(path)
-        if path.is_dir() or path.suffix.lower() in ("", ".dcm", ".ima"):
-            work = Path(tempfile.mkdtemp(prefix="dinoseg-suv-"))
-            try:
-                out = work / "pet_suv.nrrd"
-                process = self.process_factory()
-                process.start(self.pet_to_suv_command(path if path.is_dir() else path.parent, out))
-                process.wait(timeout=timeout)
-                process.check()
-                node = read_volume(self.scene, out, name=name or "PET (SUV)")
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-        else:
-            node = read_volume(self.scene, path, name=name or "PET (SUV)")
+        return path.is_dir() or path.suffix.lower() in ("", ".dcm", ".ima")
+
+    def start_pet_suv(self, pet_dicom: str | os.PathLike, name: str | None = None,
+                      on_event: Callable[[dict], None] | None = None,
+                      on_finish: Callable[["SuvJob"], None] | None = None) -> SuvJob:
+        """Start ``dinomed suv`` on a PET DICOM series (QIBA body-weight SUV, decay corrected); returns at once.
+        :meth:`finish_pet_suv` reads the result into the scene."""
+        path = Path(pet_dicom)
+        source = path if path.is_dir() else path.parent
+        work = Path(tempfile.mkdtemp(prefix="dinoseg-suv-"))
+        out = work / "pet_suv.nrrd"
+        task: SuvJob | None = None
+        job = self.make_job(self.pet_to_suv_command(source, out), title="PET to SUV", temp_paths=[work],
+                            on_event=on_event, on_finish=(lambda _job: on_finish(task)) if on_finish else None)
+        task = SuvJob(source=source, work_dir=work, out_path=out, job=job, name=name or "PET (SUV)")
+        job.start()
+        return task
+
+    def finish_pet_suv(self, task: SuvJob):
+        """The SUV volume node of a finished :meth:`start_pet_suv` (its work folder is removed)."""
+        try:
+            task.job.wait()
+            task.job.check()
+            node = read_volume(self.scene, task.job.artifacts.get("suv", task.out_path), name=task.name)
+        finally:
+            shutil.rmtree(task.work_dir, ignore_errors=True)
         set_suv_units(node)
         return node
 
-    def load_pet_ct(self, ct_path, pet_path=None):
-        """Load a CT and optionally a PET (SUV), and show the PET fused over the CT."""
+    def load_pet(self, path: str | os.PathLike, name: str | None = None, timeout: float | None = 600):
+        """A PET in SUV, blocking (scripts, tests): a DICOM folder is converted by ``dinomed suv`` in a child
+        process; a NIfTI/NRRD file is taken as already in SUV."""
+        path = Path(path)
+        if self.is_dicom_path(path):
+            task = self.start_pet_suv(path, name=name)
+            task.job.wait(timeout=timeout)
+            return self.finish_pet_suv(task)
+        node = read_volume(self.scene, path, name=name or "PET (SUV)")
+        set_suv_units(node)
+        return node
+
+    def load_pet_ct(self, ct_path, pet_path=None, opacity: float = 0.5):
+        """Load a CT and optionally a PET (SUV), and show the PET fused over the CT at ``opacity``."""
         ct = self.load_ct(ct_path)
         pet = self.load_pet(pet_path) if pet_path else None
-        show_pet_ct(self.scene, ct, pet)
+        show_pet_ct(self.scene, ct, pet, opacity=opacity)
         return ct, pet
 
     # -- segmentation ---------------------------------------------------------------------------------
@@ -113,8 +172,11 @@ class DINOSegLogic:
         return args
 
     def start_segmentation(self, ct, model_dir, pet=None, device: str = "auto", name: str | None = None,
-                           work_dir: str | os.PathLike | None = None) -> SegmentationJob:
-        """Write the inputs to a work folder and start ``dinomed segment`` on them (returns at once)."""
+                           work_dir: str | os.PathLike | None = None,
+                           on_event: Callable[[dict], None] | None = None,
+                           on_finish: Callable[[SegmentationJob], None] | None = None) -> SegmentationJob:
+        """Write the inputs to a work folder and start ``dinomed segment`` on them (returns at once);
+        ``on_finish(task)`` is called from ``task.job.tick()`` when the child ended."""
         if ct is None or ct.GetImageData() is None:
             raise DINOSegError("select a CT volume first")
         model = read_model_info(model_dir)
@@ -126,41 +188,49 @@ class DINOSegLogic:
         pet_path = write_volume(pet, work / "pet.nrrd") if pet is not None else None
         out_path = work / "segmentation.nrrd"
         stats_path = work / "lesions.csv" if pet is not None and model.lesion_labels else None
-        process = self.process_factory()
-        process.start(self.segment_command(model.path, ct_path, out_path, pet_path, stats_path, device))
-        return SegmentationJob(ct=ct, pet=pet, model=model, work_dir=work, out_path=out_path,
-                               stats_path=stats_path, process=process,
-                               name=name or f"{ct.GetName()} segmentation")
+        task: SegmentationJob | None = None
+        job = self.make_job(self.segment_command(model.path, ct_path, out_path, pet_path, stats_path, device),
+                            title="Segmentation", temp_paths=[] if work_dir else [work], on_event=on_event,
+                            on_finish=(lambda _job: on_finish(task)) if on_finish else None)
+        task = SegmentationJob(ct=ct, pet=pet, model=model, work_dir=work, out_path=out_path, stats_path=stats_path,
+                               job=job, name=name or f"{ct.GetName()} segmentation")
+        job.start()
+        return task
 
-    def finish_segmentation(self, job: SegmentationJob, keep_files: bool = False) -> SegmentationResult:
-        """After the child exited: the segmentation node (and lesion table), placed in the CT's study."""
-        job.process.wait()
-        job.process.check()
-        out_path = Path(job.process.artifacts().get("segmentation", job.out_path))
-        labelmap = read_volume(self.scene, out_path, labelmap=True, add_to_scene=False)
-        seg = segmentation_from_labelmap(self.scene, labelmap, job.model, job.ct, job.name)
-        place_in_study(self.scene, seg, job.ct)
-        table = None
-        stats = job.process.artifacts().get("lesion_table") or job.process.artifacts().get("stats")
-        stats_path = Path(stats) if stats else job.stats_path
-        if stats_path is not None and stats_path.is_file():
-            table = lesion_table_node(self.scene, stats_path, name=f"{job.ct.GetName()} lesions")
-            table.SetNodeReferenceID("DINOSeg.Segmentation", seg.GetID())
-            place_in_study(self.scene, table, job.ct)
-        if not keep_files:
-            shutil.rmtree(job.work_dir, ignore_errors=True)
+    def finish_segmentation(self, task: SegmentationJob, keep_files: bool = False) -> SegmentationResult:
+        """After the child exited: the segmentation node (and lesion table), placed in the CT's study.
+        :class:`InputRemovedError` (and nothing added) when the CT or PET left the scene meanwhile."""
+        job = task.job
+        try:
+            job.wait()
+            job.check()
+            _require_in_scene(self.scene, "Segmentation", task.ct, task.pet)
+            out_path = Path(job.artifacts.get("segmentation", task.out_path))
+            labelmap = read_volume(self.scene, out_path, labelmap=True, add_to_scene=False)
+            seg = segmentation_from_labelmap(self.scene, labelmap, task.model, task.ct, task.name)
+            place_in_study(self.scene, seg, task.ct)
+            table = None
+            stats = job.artifacts.get("lesion_table") or job.artifacts.get("stats")
+            stats_path = Path(stats) if stats else task.stats_path
+            if stats_path is not None and stats_path.is_file():
+                table = lesion_table_node(self.scene, stats_path, name=f"{task.ct.GetName()} lesions")
+                table.SetNodeReferenceID("DINOSeg.Segmentation", seg.GetID())
+                place_in_study(self.scene, table, task.ct)
+        finally:
+            if not keep_files:
+                shutil.rmtree(task.work_dir, ignore_errors=True)
         return SegmentationResult(segmentation=seg, lesion_table=table,
                                   files={"segmentation": out_path, "stats": stats_path})
 
     def segment(self, ct, model_dir, pet=None, device: str = "auto", timeout: float | None = None, **kwargs) -> SegmentationResult:
         """Segment and wait (scripts, tests)."""
-        job = self.start_segmentation(ct, model_dir, pet=pet, device=device, **kwargs)
+        task = self.start_segmentation(ct, model_dir, pet=pet, device=device, **kwargs)
         try:
-            job.process.wait(timeout=timeout)
+            task.job.wait(timeout=timeout)
         except BaseException:
-            job.process.cancel()
+            task.job.cancel()
             raise
-        return self.finish_segmentation(job)
+        return self.finish_segmentation(task)
 
     def lesions_command(self, pet_path, seg_path, out_path) -> list[str]:
         """``dinomed lesions`` arguments (issue 3's CLI): statistics of a (corrected) label map."""
@@ -183,10 +253,9 @@ class DINOSegLogic:
             seg_path = write_volume(labelmap, work / "labels.nrrd")
             pet_path = write_volume(pet, work / "pet.nrrd")
             out = work / "lesions.csv"
-            process = self.process_factory()
-            process.start(self.lesions_command(pet_path, seg_path, out))
-            process.wait(timeout=timeout)
-            process.check()
+            job = self.make_job(self.lesions_command(pet_path, seg_path, out), title="Lesion statistics").start()
+            job.wait(timeout=timeout)
+            job.check()
             return lesion_table_node(self.scene, out, name=f"{reference.GetName()} lesions", node=table_node)
         finally:
             if labelmap is not None:
@@ -222,7 +291,8 @@ class DINOSegLogic:
 
     def start_features(self, image, model_dir=None, backbone=None, layer: int | None = None, pet=None,
                        cache_dir: str | os.PathLike | None = None, pca: bool = True, extra_args=(),
-                       work_dir: str | os.PathLike | None = None) -> FeaturesJob:
+                       work_dir: str | os.PathLike | None = None, on_event: Callable[[dict], None] | None = None,
+                       on_finish: Callable[["FeaturesJob"], None] | None = None) -> "FeaturesJob":
         """Write the image and start ``dinomed features`` (features cached in ``cache_dir``, by default a
         folder kept for the session, so that the next map of the same image and model is instant)."""
         if image is None or image.GetImageData() is None:
@@ -233,38 +303,48 @@ class DINOSegLogic:
         image_path = write_volume(image, work / "image.nrrd")
         pet_path = write_volume(pet, work / "pet.nrrd") if pet is not None else None
         pca_path = work / "pca.nrrd" if pca else None
-        process = self.process_factory()
-        process.start(self.features_command(image_path, model_dir, backbone, layer, pca_path, cache, pet_path, extra_args))
-        return FeaturesJob(image=image, work_dir=work, cache_dir=cache, pca_path=pca_path, process=process)
+        task: FeaturesJob | None = None
+        job = self.make_job(self.features_command(image_path, model_dir, backbone, layer, pca_path, cache, pet_path,
+                                                  extra_args),
+                            title="Features", temp_paths=[] if work_dir else [work], on_event=on_event,
+                            on_finish=(lambda _job: on_finish(task)) if on_finish else None)
+        task = FeaturesJob(image=image, work_dir=work, cache_dir=cache, pca_path=pca_path, job=job)
+        job.start()
+        return task
 
-    def finish_features(self, job: "FeaturesJob", keep_files: bool = False):
-        """After the child exited: the PCA overlay node (or None) and the cached features (a FeatureGrid)."""
+    def finish_features(self, task: "FeaturesJob", keep_files: bool = False):
+        """After the child exited: the PCA overlay node (or None) and the cached features (a FeatureGrid).
+        :class:`InputRemovedError` (and nothing added) when the image left the scene meanwhile."""
         from .features import load_rgb_overlay, read_feature_cache
 
-        job.process.wait()
-        job.process.check()
-        artifacts = job.process.artifacts()
-        pca_node = None
-        if job.pca_path is not None:
-            pca_node = load_rgb_overlay(self.scene, artifacts.get("pca", job.pca_path), job.image,
-                                        name=f"{job.image.GetName()} PCA map")
-        if "features" not in artifacts:
-            raise DINOSegError("dinomed features reported no feature cache entry")
-        grid = read_feature_cache(artifacts["features"], job.image)
-        if not keep_files:
-            shutil.rmtree(job.work_dir, ignore_errors=True)
+        job = task.job
+        try:
+            job.wait()
+            job.check()
+            _require_in_scene(self.scene, "Features", task.image)
+            artifacts = job.artifacts
+            if "features" not in artifacts:
+                raise DINOSegError("dinomed features reported no feature cache entry")
+            grid = read_feature_cache(artifacts["features"], task.image)
+            pca_node = None
+            if task.pca_path is not None:
+                pca_node = load_rgb_overlay(self.scene, artifacts.get("pca", task.pca_path), task.image,
+                                            name=f"{task.image.GetName()} PCA map")
+        finally:
+            if not keep_files:
+                shutil.rmtree(task.work_dir, ignore_errors=True)
         return pca_node, grid
 
 
 @dataclass
 class FeaturesJob:
-    """A running ``dinomed features``: the image, its work folder, the cache and the process."""
+    """A running ``dinomed features``: the image, its work folder, the cache and the :class:`Job`."""
 
     image: object
     work_dir: Path
     cache_dir: Path
     pca_path: Path | None
-    process: DinomedProcess
+    job: Job
 
 
 def _series_file(path: Path) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import json
 import os
 import shutil
@@ -43,6 +42,7 @@ from trame_slicer.core import LayoutManager, SlicerApp  # noqa: E402
 from trame_slicer.rca_view import register_rca_factories  # noqa: E402
 
 from DINOSegLib import display, features, lesions, training_set  # noqa: E402
+from DINOSegLib.jobs import Job, JobState  # noqa: E402
 from DINOSegLib.logic import DEVICES, DINOSegLogic  # noqa: E402
 from DINOSegLib.models import BUNDLED_MODELS_DIR, SAMPLE_DATA_DIR, read_model_info  # noqa: E402
 from DINOSegLib.segmentation import add_labelmap_node, labelmap_array_from_segmentation  # noqa: E402
@@ -61,54 +61,6 @@ def default_models_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(base) / "dinoseg" / "models"
-
-
-def make_logic(scene, python: str, models_dirs: list[Path]) -> DINOSegLogic:
-    """The Lib's logic with ``python`` running the ``dinomed`` children, whichever runner the Lib has: the
-    shared ``Job`` (``DINOSegLogic(scene, python=…)``) or the older ``DinomedProcess`` factory."""
-    params = inspect.signature(DINOSegLogic.__init__).parameters
-    if "python" in params:
-        return DINOSegLogic(scene, python=python, models_dirs=models_dirs)
-    from DINOSegLib.process import DinomedProcess
-
-    return DINOSegLogic(scene, process_factory=lambda: DinomedProcess(python=python), models_dirs=models_dirs)
-
-
-class Runner:
-    """What the page needs of a running child (progress, finished, cancel), over the Lib's task object:
-    ``task.job`` (``DINOSegLib.jobs.Job``) or ``task.process`` (``DINOSegLib.process.DinomedProcess``)."""
-
-    def __init__(self, task):
-        self.task = task
-        self.job = getattr(task, "job", None)
-        self.process = getattr(task, "process", None) if self.job is None else None
-        self.cancelled = False
-
-    def tick(self) -> list[dict]:
-        return self.job.tick() if self.job is not None else self.process.poll()
-
-    @property
-    def finished(self) -> bool:
-        return self.job.finished if self.job is not None else not self.process.running
-
-    @property
-    def pid(self) -> int | None:
-        runner = self.job if self.job is not None else self.process
-        popen = getattr(runner, "_popen", None) or getattr(runner, "popen", None)
-        return getattr(runner, "pid", None) or (popen.pid if popen is not None else None)
-
-    def progress(self) -> tuple[float, str]:
-        """(percent, message) of the latest progress event."""
-        if self.job is not None:
-            done, total, message = self.job.progress
-            fraction = self.job.fraction
-            return (100.0 * fraction if fraction is not None else 0.0), (message or "")
-        p = self.process.progress
-        return float(p.percent), p.message
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        (self.job if self.job is not None else self.process).cancel()
 
 
 def list_server_files(data_dir: Path, depth: int = 2) -> list[str]:
@@ -189,14 +141,14 @@ class DINOSegWebApp(TrameApp):
         self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
         self.layout_manager.set_layout("Quad View")
         self.segment_editor_logic = SegmentEditorLogic(self.server, self.slicer_app)
-        self.lib = make_logic(self.scene, dinomed_python, [self.models_dir, Path(BUNDLED_MODELS_DIR)])
+        self.lib = DINOSegLogic(self.scene, python=dinomed_python, models_dirs=[self.models_dir, Path(BUNDLED_MODELS_DIR)])
 
         self.ct = self.pet = self.seg = self.table = self.model_info = None
         self.pca_node = None
         self.grid = None  # the FeatureGrid of the current CT (cached features)
         self.follower = None
         self.point = None
-        self.runner: Runner | None = None
+        self.job: Job | None = None  # the running dinomed child (DINOSegLib.jobs.Job)
         self._case_nodes: list = []
         self._segment_clicked_at = None
         self._feature_cache = Path(tempfile.mkdtemp(prefix="dinoseg-web-features-"))
@@ -445,28 +397,46 @@ class DINOSegWebApp(TrameApp):
                 if path is not None and not path.exists():
                     raise FileNotFoundError(f"{path} does not exist")
             self._clear_case()
+            s.server_files = [SAMPLE] + list_server_files(self.data_dir)
             t0 = time.monotonic()
             self.ct = self.lib.load_ct(ct_path)
             self._case_nodes.append(self.ct)
+            stem = "sample" if s.ct_path == SAMPLE else ct_path.name.split(".")[0]
+            s.save_path = str(self.output_dir / f"{stem}_segmentation.nii.gz")
+            if pet_path is not None and self.lib.is_dicom_path(pet_path):
+                # PET DICOM -> SUV (decay-corrected body-weight SUV) in a dinomed child, with progress
+                self._show_case(t0)
+                task = self.lib.start_pet_suv(pet_path)
+
+                def done(task):
+                    self.pet = self.lib.finish_pet_suv(task)
+                    self._case_nodes.append(self.pet)
+                    self._show_case(t0)
+
+                self._start("PET to SUV", task, done)
+                return
             if pet_path is not None:
                 self.pet = self.lib.load_pet(pet_path)
                 self._case_nodes.append(self.pet)
-            display.show_pet_ct(self.scene, self.ct, self.pet, opacity=s.pet_opacity, suv_max=self.suv_max)
-            self.slicer_app.display_manager.reset_views()
-            s.suv_bar = colour_bar_css(self.scene, display.PET_COLOR_NODE_ID)
-            s.cosine_bar = colour_bar_css(self.scene, "vtkMRMLColorTableNodeRainbow")
-            s.pet_loaded = self.pet is not None
-            s.overlay = "PET"
-            s.case_loaded = True
-            s.is_volume_loaded = True
-            s.case_name = (f"{self.ct.GetName()} {tuple(self.ct.GetImageData().GetDimensions())}"
-                           + (f" + {self.pet.GetName()}" if self.pet is not None else ""))
-            stem = "sample" if s.ct_path == SAMPLE else ct_path.name.split(".")[0]
-            s.save_path = str(self.output_dir / f"{stem}_segmentation.nii.gz")
-            s.status = f"Loaded in {time.monotonic() - t0:.1f} s."
-            self._pick_model_for_inputs()
+            self._show_case(t0)
         except Exception as exc:  # shown to the user as one line
             s.error = f"Could not open the PET/CT: {exc}"
+
+    def _show_case(self, t0: float):
+        """CT (and PET fused over it) in every slice view, views fitted, the colour bars ready."""
+        s = self.state
+        display.show_pet_ct(self.scene, self.ct, self.pet, opacity=s.pet_opacity, suv_max=self.suv_max)
+        self.slicer_app.display_manager.reset_views()
+        s.suv_bar = colour_bar_css(self.scene, display.PET_COLOR_NODE_ID)
+        s.cosine_bar = colour_bar_css(self.scene, "vtkMRMLColorTableNodeRainbow")
+        s.pet_loaded = self.pet is not None
+        s.overlay = "PET"
+        s.case_loaded = True
+        s.is_volume_loaded = True
+        s.case_name = (f"{self.ct.GetName()} {tuple(self.ct.GetImageData().GetDimensions())}"
+                       + (f" + {self.pet.GetName()}" if self.pet is not None else ""))
+        s.status = f"Loaded in {time.monotonic() - t0:.1f} s."
+        self._pick_model_for_inputs()
 
     def _pick_model_for_inputs(self):
         """Prefer a model whose inputs match what was loaded (PET/CT model with a PET, CT model without)."""
@@ -496,34 +466,36 @@ class DINOSegWebApp(TrameApp):
 
     # -- jobs -----------------------------------------------------------------------------------------
     def _start(self, kind: str, task, on_done):
-        self.runner = Runner(task)
+        """Watch ``task.job`` (a started :class:`Job`) and call ``on_done(task)`` when it succeeded."""
+        self.job = task.job
         s = self.state
         s.job_running, s.job_kind, s.progress, s.error = True, kind, 0, ""
         s.progress_text = f"{kind}: starting dinomed…"
-        s.child_pid = self.runner.pid or 0
-        asyncio.get_event_loop().create_task(self._watch(self.runner, kind, on_done))
+        s.child_pid = self.job.pid or 0
+        asyncio.get_event_loop().create_task(self._watch(task, kind, on_done))
 
-    async def _watch(self, runner: Runner, kind: str, on_done):
+    async def _watch(self, task, kind: str, on_done):
         """Tick the child from the server's loop (MRML stays on this thread) until it ends."""
+        job = task.job
         while True:
-            for event in runner.tick():
+            for event in job.tick():
                 if event.get("event") in ("log", "error") and event.get("message"):
                     self._set(status=str(event["message"])[:300])
-            percent, message = runner.progress()
-            self._set(progress=round(percent, 1), progress_text=f"{kind}: {message} {percent:.0f}%")
-            if runner.finished:
+            fraction = job.fraction or 0.0
+            self._set(progress=round(100 * fraction, 1), progress_text=f"{kind}: {job.progress[2]} {100 * fraction:.0f}%")
+            if job.finished:
                 break
             await asyncio.sleep(0.1)
-        if runner is not self.runner:
+        if job is not self.job:
             return
-        self.runner = None
-        if runner.cancelled:
+        self.job = None
+        if job.state in (JobState.CANCELLED, JobState.STOPPED):
             self._set(job_running=False, job_kind="", progress=0, progress_text="", child_pid=0,
                       status=f"{kind}: cancelled.")
             return
         try:
             with self.state:
-                on_done(runner.task)
+                on_done(task)
                 self.state.progress = 100
         except Exception as exc:
             self._set(error=f"{kind} failed: {exc}")
@@ -531,8 +503,8 @@ class DINOSegWebApp(TrameApp):
             self._set(job_running=False, job_kind="", child_pid=0)
 
     def on_cancel(self):
-        if self.runner is not None:
-            self.runner.cancel()
+        if self.job is not None:
+            self.job.cancel()
             self.state.status = "Cancelling…"
 
     # -- segmentation ---------------------------------------------------------------------------------
@@ -777,8 +749,8 @@ class DINOSegWebApp(TrameApp):
             s.error = f"Could not add the case: {exc}"
 
     def shutdown(self):
-        if self.runner is not None:
-            self.runner.cancel()
+        if self.job is not None:
+            self.job.cancel()
         shutil.rmtree(self._feature_cache, ignore_errors=True)
 
 

@@ -320,3 +320,24 @@ def test_cancel_leaves_no_process(server, browser_page):
     assert page.locator("#segment-button").is_enabled()
     # the previous result is still shown and usable
     assert page.locator(".lesion-row").count() > 0
+
+
+def test_open_ct_only_from_the_server_folder(server, browser_page):
+    """A CT (no PET) typed as a path in the server folder: shown, and the CT-only model is picked."""
+    import shutil
+
+    from conftest import REPO_ROOT as root
+
+    case = server.tmp / "case1"
+    case.mkdir(exist_ok=True)
+    shutil.copy(root / "Resources" / "SampleData" / "ct.nii.gz", case / "ct.nii.gz")
+    page = browser_page
+    page.fill("#ct-path", "case1/ct.nii.gz")
+    page.locator("#ct-path").press("Tab")
+    before = view_pixels(page, "Red")
+    page.click("#load-button")
+    poll(page, lambda: text(page, "#case-name").strip() == "CT (128, 128, 64)", 60, "the CT-only case")
+    poll(page, lambda: changed_fraction(before, view_pixels(page, "Red")) > 0.05, 30, "the CT alone in the views")
+    assert "demo-ct-organs (CT)" in text(page, "#dinoseg-panel")
+    assert page.locator(".lesion-row").count() == 0  # the previous case's results are gone
+    assert not page.locator("#suv-colour-bar").count()

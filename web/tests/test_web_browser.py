@@ -158,6 +158,7 @@ def test_page_loads_and_shows_the_sample(server, browser_page, timings):
     # the four views exist as <img> elements before anything is loaded
     poll(page, lambda: all(view_pixels(page, v) for v in (*SLICE_VIEWS, "ThreeD")), 60, "the four views")
     timings["page_load_s"] = time.monotonic() - t0
+    timings["server_ready_s"] = server.ready_s
     empty = view_pixels(page, "Red")
     assert empty["lit"] < 0.01 * empty["width"] * empty["height"], "the axial view shows something before loading"
 
@@ -341,3 +342,26 @@ def test_open_ct_only_from_the_server_folder(server, browser_page):
     assert "demo-ct-organs (CT)" in text(page, "#dinoseg-panel")
     assert page.locator(".lesion-row").count() == 0  # the previous case's results are gone
     assert not page.locator("#suv-colour-bar").count()
+
+
+def test_open_ct_and_pet_dicom_folders(server, browser_page):
+    """A CT DICOM series and a PET DICOM series (with the SUV tags) from the server folder: the PET is turned
+    into SUV by a watched ``dinomed suv`` child and fused over the CT."""
+    import subprocess
+
+    case = server.tmp / "dicom_case"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "core_lib" / "src"))
+    subprocess.run([os.environ["DINOSEG_DINOMED_PYTHON"], "-m", "dinomed", "phantom", "--out", str(case), "--dicom",
+                    "--shape", "32,64,64", "--seed", "3"], check=True, env=env, capture_output=True, timeout=300)
+    page = browser_page
+    page.fill("#ct-path", "dicom_case/ct_dicom/")
+    page.locator("#ct-path").press("Tab")
+    page.fill("#pet-path", "dicom_case/pet_dicom/")
+    page.locator("#pet-path").press("Tab")
+    page.click("#load-button")
+    poll(page, lambda: text(page, "#case-name").strip().endswith("+ PET (SUV)"), CHILD_TIMEOUT,
+         "the PET DICOM series in SUV")
+    assert "(64, 64, 32)" in text(page, "#case-name")
+    poll(page, lambda: page.locator("#suv-colour-bar").count() and page.locator("#suv-colour-bar").is_visible(), 30,
+         "the SUV colour bar")
+    assert not page.locator("#error").count() or not page.locator("#error").is_visible()

@@ -142,7 +142,7 @@ def shot(page, name: str):
     page.screenshot(path=str(path))
     image = Image.open(path).convert("RGB")
     image = image.resize((image.width * 2 // 3, image.height * 2 // 3), Image.LANCZOS)
-    image.quantize(colors=192, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    image.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
 
 
 def segment_colours() -> list[tuple[int, int, int]]:
@@ -305,6 +305,33 @@ def test_save_and_add_to_training_set(server, browser_page):
     dataset = json.loads((server.output_dir / "training_set" / "dataset.json").read_text())
     assert dataset["numTraining"] == 1 and dataset["channel_names"] == {"0": "CT", "1": "PET"}
     assert (server.output_dir / "training_set" / "labelsTr" / "case_0000.nii.gz").is_file()
+
+
+def test_correct_with_the_segment_editor_then_save_and_recompute(server, browser_page):
+    """Paint with trame-slicer's segment editor (active segment: the first, "lesion"); the saved label map and
+    the recomputed lesion table both include the painted voxels."""
+    page = browser_page
+    sidecar = server.output_dir / "sample_segmentation.labels.json"
+    voxels_before = {e["name"]: e["voxels"] for e in json.loads(sidecar.read_text())["labels"]}
+    total_before = text(page, "#lesion-total")
+    page.locator(".v-navigation-drawer button:has(.mdi-brush)").nth(1).click()  # the toolbar's Paint effect
+    box = page.locator(".dinoseg-view-Red").locator("xpath=..").locator("img").bounding_box()
+    x, y = box["x"] + 0.5 * box["width"], box["y"] + 0.78 * box["height"]
+    before = view_pixels(page, "Red")
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for k in range(1, 13):
+        page.mouse.move(x + 6 * k, y)
+        page.wait_for_timeout(100)  # a user's stroke: the server gets each move
+    page.mouse.up()
+    poll(page, lambda: changed_fraction(before, view_pixels(page, "Red")) > 0.005, 30, "the painted stroke")
+    page.click("#save-button")
+    poll(page, lambda: json.loads(sidecar.read_text())["labels"][0]["voxels"] > voxels_before["lesion"], 60,
+         "the painted voxels in the saved lesion label")
+    page.click("#recompute-button")
+    poll(page, lambda: text(page, "#status").startswith("Lesion table recomputed"), CHILD_TIMEOUT,
+         "the recomputed lesion table")
+    assert text(page, "#lesion-total") != total_before
 
 
 def test_cancel_leaves_no_process(server, browser_page):

@@ -315,13 +315,17 @@ def test_correct_with_the_segment_editor_then_save_and_recompute(server, browser
     voxels_before = {e["name"]: e["voxels"] for e in json.loads(sidecar.read_text())["labels"]}
     total_before = text(page, "#lesion-total")
     page.locator(".v-navigation-drawer button:has(.mdi-brush)").nth(1).click()  # the toolbar's Paint effect
+    # the views are centred on lesion 1 (the last row clicked): stroke through the tissue beside it
     box = page.locator(".dinoseg-view-Red").locator("xpath=..").locator("img").bounding_box()
-    x, y = box["x"] + 0.5 * box["width"], box["y"] + 0.78 * box["height"]
+    x, y = box["x"] + 0.58 * box["width"], box["y"] + 0.5 * box["height"]
     before = view_pixels(page, "Red")
     page.mouse.move(x, y)
+    poll(page, lambda: changed_fraction(before, view_pixels(page, "Red")) > 0.001, 30,
+         "the paint brush outline under the mouse (Paint active)")
+    before = still_picture(page, "Red")
     page.mouse.down()
     for k in range(1, 13):
-        page.mouse.move(x + 6 * k, y)
+        page.mouse.move(x + 0.012 * box["width"] * k, y)
         page.wait_for_timeout(100)  # a user's stroke: the server gets each move
     page.mouse.up()
     poll(page, lambda: changed_fraction(before, view_pixels(page, "Red")) > 0.005, 30, "the painted stroke")

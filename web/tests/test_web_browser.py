@@ -218,6 +218,11 @@ def test_segment_shows_the_segments_in_2d_and_3d(server, browser_page, timings):
     legend = text(page, "#segment-legend")
     for name in ("lesion", "liver", "spleen", "heart"):
         assert name in legend
+    # each segment carries the model's SNOMED-CT terminology (shown as the legend's tooltip)
+    liver_code = next(label["terminology"]["type"][1] for label in json.loads((DEMO_MODEL / "model.json").read_text())
+                      ["labels"] if label["name"] == "liver")
+    titles = page.locator("#segment-legend span[title]").evaluate_all("spans => spans.map(s => s.title)")
+    assert any(f"SCT^{liver_code}^" in title for title in titles), titles
     header = text(page, "#lesion-table")
     for column in ("SUVmax", "SUVpeak", "SUVmean", "MTV", "TLG"):
         assert column in header

@@ -9,13 +9,15 @@ import os
 import pathlib
 from typing import Annotated, Optional
 
+import ctk
 import qt
 import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import (Choice, GuiConnector, WithinRange, parameterNodeGuiConnector,
+                                         parameterNodeWrapper, unannotatedType)
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -24,8 +26,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from DINOSegLib import DINOSegLogic, InputRemovedError, JobState, add_model_folder, read_model_info
-from DINOSegLib import dependencies, display, docs, features, lesions, training_set
+from DINOSegLib import DINOSegLogic, InputRemovedError, JobState, read_model_info
+from DINOSegLib import dependencies, display, docs, features, lesions, models, training_set
 from DINOSegLib.models import BUNDLED_MODELS_DIR, SAMPLE_DATA_DIR
 
 MODELS_DIRECTORY_SETTING = "DINOSeg/ModelsDirectory"
@@ -85,9 +87,63 @@ def loadSyntheticPetCt(source):
     return nodes
 
 
+def loadDicomSeriesThroughDatabase(folder) -> Optional[vtkMRMLScalarVolumeNode]:
+    """A DICOM CT series the way Slicer's DICOM module loads it: the folder is indexed into Slicer's DICOM
+    database (files linked in place, not copied) and its series loaded by the DICOM plugins, so the volume
+    keeps its study/series identity in the subject hierarchy and a segmentation of it can be exported as
+    DICOM SEG. Only the real application has a DICOM database; the Lib (DINOSegLogic.load_ct) calls this."""
+    from DICOMLib import DICOMUtils
+
+    folder = pathlib.Path(folder)
+    files = [str(f) for f in sorted(folder.iterdir()) if f.is_file()]
+    DICOMUtils.importDicom(str(folder))
+    seriesUIDs = sorted({slicer.dicomDatabase.fileValue(f, "0020,000E") for f in files} - {""})
+    if not seriesUIDs:
+        return None
+    loaded = [slicer.mrmlScene.GetNodeByID(nodeID) for nodeID in DICOMUtils.loadSeriesByUID(seriesUIDs)]
+    volumes = [node for node in loaded if node is not None and node.IsA("vtkMRMLScalarVolumeNode")]
+    return volumes[0] if volumes else None
+
+
+@parameterNodeGuiConnector
+class ctkPathLineEditToStrConnector(GuiConnector):
+    """A ctkPathLineEdit bound to a ``str`` parameter. Slicer's own connector binds it to ``pathlib.Path``,
+    which turns an empty path into ``Path(".")`` and shows "." (issue 13, fault 9); a ``str`` stays ""."""
+
+    @staticmethod
+    def canRepresent(widget, datatype) -> bool:
+        return type(widget) == ctk.ctkPathLineEdit and unannotatedType(datatype) is str
+
+    @staticmethod
+    def create(widget, datatype):
+        if ctkPathLineEditToStrConnector.canRepresent(widget, datatype):
+            return ctkPathLineEditToStrConnector(widget)
+        return None
+
+    def __init__(self, widget):
+        super().__init__()
+        self._widget = widget
+
+    def _connect(self):
+        self._widget.currentPathChanged.connect(self.changed)
+
+    def _disconnect(self):
+        self._widget.currentPathChanged.disconnect(self.changed)
+
+    def widget(self):
+        return self._widget
+
+    def read(self):
+        return str(self._widget.currentPath)
+
+    def write(self, value) -> None:
+        self._widget.currentPath = str(value)
+
+
 @parameterNodeWrapper
 class DINOSegParameterNode:
-    """The module's state, bound to the .ui widgets through their ``SlicerParameterName`` property."""
+    """The module's state, bound to the .ui widgets through their ``SlicerParameterName`` property.
+    Optional paths are ``str`` (empty when unset); the models folder always has a value."""
 
     ctVolume: vtkMRMLScalarVolumeNode
     petVolume: vtkMRMLScalarVolumeNode
@@ -95,10 +151,15 @@ class DINOSegParameterNode:
     modelsDirectory: pathlib.Path
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     featureLayer: Annotated[int, WithinRange(-1, 47)] = -1
-    backbonePath: pathlib.Path
+    backbonePath: str = ""
     segmentation: vtkMRMLSegmentationNode
-    datasetDirectory: pathlib.Path
+    datasetDirectory: str = ""
     caseId: str = ""
+
+
+def slicerSettingsDirectory() -> pathlib.Path:
+    """The folder of Slicer's user settings file: the user's models live below it (DINOSegLib.models)."""
+    return pathlib.Path(slicer.app.slicerUserSettingsFilePath).parent
 
 
 class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -111,11 +172,17 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._task = None  # the running Lib task (SegmentationJob, FeaturesJob, SuvJob); its .job is a Job
         self._stage = ""
         self._onJobSuccess = None
-        self._featureGrid = None
+        self._featureGrids = features.FeatureGridCache()
         self._follower = None
+        self._removeModelsListener = None
+        self._modelsWatcher = None
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.timeout.connect(self._onTimer)
+        # completes the cosine map in short steps after a point is placed or dropped (the GUI stays live)
+        self._refineTimer = qt.QTimer()
+        self._refineTimer.setInterval(30)
+        self._refineTimer.timeout.connect(self._onRefineTimer)
 
     # -- setup ----------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -124,6 +191,9 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
+        # a folder chooser (set here, not in the .ui: the .ui smoke test's placeholders cannot read flag sets)
+        self.ui.datasetPathLineEdit.filters = (ctk.ctkPathLineEdit.Dirs | ctk.ctkPathLineEdit.Drives
+                                               | ctk.ctkPathLineEdit.Readable)
         self.logic = DINOSegModuleLogic()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -132,27 +202,44 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadPetCtButton.connect("clicked(bool)", self.onLoadPetCt)
         self.ui.petOpacitySlider.connect("valueChanged(double)", self.onPetOpacityChanged)
         self.ui.addModelFolderButton.connect("clicked(bool)", self.onAddModelFolder)
-        self.ui.modelsDirectoryButton.connect("directoryChanged(QString)", self.refreshModels)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyOrCancel)
+        self.ui.show3DButton.connect("toggled(bool)", self.onShow3D)
         self.ui.lesionTableView.connect("clicked(QModelIndex)", self.onLesionRowClicked)
         self.ui.pcaButton.connect("clicked(bool)", self.onPcaMap)
         self.ui.similarityButton.connect("clicked(bool)", self.onSimilarity)
         self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.ui.modelSelector.connect("currentIndexChanged(int)", self._updateButtons)
+
+        # every model list refreshes when a model is registered (DINOPretrain calls models.register_model)
+        # or when the models folder changes on disk
+        self._removeModelsListener = models.add_models_listener(lambda path: self.refreshModels())
+        self._modelsWatcher = qt.QFileSystemWatcher()
+        self._modelsWatcher.directoryChanged.connect(lambda path: self.refreshModels())
 
         self.initializeParameterNode()
+        # The folder comes from the signal's argument: PythonQt calls slots in connection order, and
+        # connectGui (run again on every enter and scene close) connects the parameter node after this
+        # slot, so reading the parameter node here would give the previous folder (issue 13, fault 2).
+        self.ui.modelsDirectoryButton.connect("directoryChanged(QString)", self.onModelsDirectoryChanged)
         self.refreshModels()
 
     def cleanup(self) -> None:
         self._timer.stop()
+        self._refineTimer.stop()
         self.removeObservers()
         if self._follower:
             self._follower.stop()
+            self._follower = None
         if self._task is not None:
             self._task.job.cancel()
+        if self._removeModelsListener:
+            self._removeModelsListener()
+            self._removeModelsListener = None
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self.refreshModels()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -164,6 +251,11 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # the job's inputs are about to go: end it (its on_finish sees CANCELLED and touches no node)
         if self._task is not None:
             self._task.job.cancel()
+        self._refineTimer.stop()
+        if self._follower:
+            self._follower.stop()
+            self._follower = None
+        self._featureGrids.clear()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -176,9 +268,9 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first:
                 self._parameterNode.ctVolume = first
-        if not str(self._parameterNode.modelsDirectory) or str(self._parameterNode.modelsDirectory) == ".":
+        if str(self._parameterNode.modelsDirectory) in ("", "."):
             saved = qt.QSettings().value(MODELS_DIRECTORY_SETTING)
-            self._parameterNode.modelsDirectory = pathlib.Path(saved or BUNDLED_MODELS_DIR)
+            self._parameterNode.modelsDirectory = models.resolve_models_dir(saved, slicerSettingsDirectory())
 
     def setParameterNode(self, inputParameterNode: Optional[DINOSegParameterNode]) -> None:
         if self._parameterNode:
@@ -197,44 +289,87 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self._task is not None
         self.ui.applyButton.enabled = running or bool(p.ctVolume and self.ui.modelSelector.currentData)
         self.ui.applyButton.text = "Cancel" if running else "Apply"
+        self.ui.loadPetCtButton.enabled = not running
         self.ui.pcaButton.enabled = not running and bool(p.ctVolume)
         self.ui.similarityButton.enabled = not running and bool(p.ctVolume)
-        self.ui.addCaseButton.enabled = bool(p.ctVolume and p.segmentation and str(p.datasetDirectory) not in ("", "."))
+        self.ui.addCaseButton.enabled = training_set.can_add_case(p.ctVolume, p.segmentation, p.datasetDirectory)
+        self.ui.show3DButton.enabled = p.segmentation is not None
+        wasBlocked = self.ui.show3DButton.blockSignals(True)
+        self.ui.show3DButton.checked = display.segmentation_shown_in_3d(p.segmentation)
+        self.ui.show3DButton.blockSignals(wasBlocked)
+
+    def _setStatus(self, text: str) -> None:
+        self.ui.statusLabel.text = text
 
     # -- inputs ---------------------------------------------------------------------------------------
     def onLoadPetCt(self) -> None:
-        ct_path = qt.QFileDialog.getOpenFileName(None, "CT: a volume file, or any file of a DICOM series")
-        if not ct_path:
+        ctPath = qt.QFileDialog.getOpenFileName(None, "CT: a volume file, or any file of a DICOM series")
+        if not ctPath:
             return
-        pet_path = qt.QFileDialog.getExistingDirectory(None, "PET DICOM folder (cancel for a PET volume file or no PET)")
-        if not pet_path:
-            pet_path = qt.QFileDialog.getOpenFileName(None, "PET volume file in SUV (cancel for CT only)") or None
+        petPath = qt.QFileDialog.getExistingDirectory(None, "PET DICOM folder (cancel for a PET volume file or no PET)")
+        if not petPath:
+            petPath = qt.QFileDialog.getOpenFileName(None, "PET volume file in SUV (cancel for CT only)") or None
+        lib = self.logic.lib
         with slicer.util.tryWithErrorDisplay("Could not load the PET/CT.", waitCursor=True):
-            if not self._ensureDependencies():
-                return
-            ct, pet = self.logic.lib.load_pet_ct(ct_path, pet_path)
+            self._setStatus("Loading the CT…")
+            ct = lib.load_ct(ctPath, dicom_loader=loadDicomSeriesThroughDatabase)
             self._parameterNode.ctVolume = ct
+            if petPath and lib.needs_dinomed_to_load(ctPath, petPath):
+                # a DICOM PET is converted to SUV by `dinomed suv`, in the background (progress, Cancel)
+                if not self._ensureDependencies():
+                    self._setStatus("The PET was not loaded: DINOSeg's dependencies are not installed.")
+                    return
+                display.show_pet_ct(slicer.mrmlScene, ct, None)
+                self._startJob("Converting the PET to SUV",
+                               lambda **callbacks: lib.start_pet_suv(petPath, **callbacks), self._onPetSuvFinished)
+                return
+            pet = lib.load_pet(petPath) if petPath else None  # a PET volume already in SUV: no dinomed needed
             self._parameterNode.petVolume = pet
+            display.show_pet_ct(slicer.mrmlScene, ct, pet, opacity=self._parameterNode.petOpacity)
+            self._setStatus("Loaded.")
+
+    def _onPetSuvFinished(self, task) -> None:
+        pet = self.logic.lib.finish_pet_suv(task)
+        p = self._parameterNode
+        p.petVolume = pet
+        if p.ctVolume is not None:
+            display.show_pet_ct(slicer.mrmlScene, p.ctVolume, pet, opacity=p.petOpacity)
 
     def onPetOpacityChanged(self, value: float) -> None:
         p = self._parameterNode
-        if p and p.ctVolume:
-            display.show_pet_ct(slicer.mrmlScene, p.ctVolume, p.petVolume, opacity=value)
+        if p is not None:
+            display.set_pet_opacity(slicer.mrmlScene, p.petVolume, value)  # the PET layer only
 
     # -- models ---------------------------------------------------------------------------------------
-    def refreshModels(self, *args) -> None:
-        directory = str(self._parameterNode.modelsDirectory) if self._parameterNode else str(BUNDLED_MODELS_DIR)
-        qt.QSettings().setValue(MODELS_DIRECTORY_SETTING, directory)
-        self.logic.lib.models_dirs = [pathlib.Path(directory), pathlib.Path(BUNDLED_MODELS_DIR)]
+    def onModelsDirectoryChanged(self, directory: str) -> None:
+        self.refreshModels(directory)
+
+    def refreshModels(self, directory: Optional[str] = None) -> None:
+        if directory is None:
+            directory = str(self._parameterNode.modelsDirectory) if self._parameterNode else ""
+        folder = models.resolve_models_dir(directory, slicerSettingsDirectory())
+        if folder == models.user_models_dir(slicerSettingsDirectory()):
+            folder.mkdir(parents=True, exist_ok=True)  # the per-user folder exists from first use
+        qt.QSettings().setValue(MODELS_DIRECTORY_SETTING, str(folder))
+        watched = list(self._modelsWatcher.directories())
+        if watched:
+            self._modelsWatcher.removePaths(watched)
+        if folder.is_dir():
+            self._modelsWatcher.addPath(str(folder))
+        self.logic.lib.models_dirs = [folder, pathlib.Path(BUNDLED_MODELS_DIR)]
+        current = self.ui.modelSelector.currentData
+        wasBlocked = self.ui.modelSelector.blockSignals(True)
         self.ui.modelSelector.clear()
-        for folder in self.logic.lib.available_models():
+        for modelFolder in self.logic.lib.available_models():
             try:
-                info = read_model_info(folder)
+                info = read_model_info(modelFolder)
             except ValueError as exc:
                 logging.warning(str(exc))
                 continue
-            inputs = "+".join(info.inputs)
-            self.ui.modelSelector.addItem(f"{info.name} ({inputs})", str(folder))
+            self.ui.modelSelector.addItem(f"{info.name} ({'+'.join(info.inputs)})", str(modelFolder))
+        index = self.ui.modelSelector.findData(current) if current else -1
+        self.ui.modelSelector.setCurrentIndex(max(index, 0))
+        self.ui.modelSelector.blockSignals(wasBlocked)
         self._updateButtons()
 
     def onAddModelFolder(self) -> None:
@@ -242,8 +377,7 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not source:
             return
         with slicer.util.tryWithErrorDisplay("Could not add the model folder.", waitCursor=True):
-            add_model_folder(source, self._parameterNode.modelsDirectory)
-            self.refreshModels()
+            models.register_model(source, self._parameterNode.modelsDirectory)  # refreshes every model list
 
     # -- segmentation ---------------------------------------------------------------------------------
     def onApplyOrCancel(self) -> None:
@@ -262,11 +396,18 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onSegmentationFinished(self, task) -> None:
         result = self.logic.lib.finish_segmentation(task)
         self._parameterNode.segmentation = result.segmentation
-        result.segmentation.CreateClosedSurfaceRepresentation()
+        if self.ui.show3DButton.checked:
+            display.show_segmentation_3d(result.segmentation)
         if result.lesion_table is not None:
             self.ui.lesionTableView.setMRMLTableNode(result.lesion_table)
             self.ui.lesionTableView.show()
         self._log(f"Done: {result.segmentation.GetName()}")
+
+    def onShow3D(self, checked: bool) -> None:
+        p = self._parameterNode
+        if p is not None and p.segmentation is not None:
+            with slicer.util.tryWithErrorDisplay("Could not show the segmentation in 3D.", waitCursor=True):
+                display.show_segmentation_3d(p.segmentation, checked)
 
     def onLesionRowClicked(self, index) -> None:
         table = self.ui.lesionTableView.mrmlTableNode()
@@ -278,9 +419,11 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- features -------------------------------------------------------------------------------------
     def _featureSource(self) -> dict:
-        backbone = str(self._parameterNode.backbonePath)
-        if backbone not in ("", ".") and os.path.isfile(backbone):
-            return {"backbone": backbone}
+        backbone = training_set.configured_path(self._parameterNode.backbonePath)
+        if backbone is not None:
+            if not backbone.is_file():
+                raise ValueError(f"the backbone checkpoint {backbone} does not exist")
+            return {"backbone": str(backbone)}
         if self.ui.modelSelector.currentData:
             return {"model_dir": self.ui.modelSelector.currentData}
         raise ValueError("choose a model above, or a backbone checkpoint file")
@@ -289,10 +432,14 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runFeatures(pca=True, then=None)
 
     def onSimilarity(self) -> None:
-        if self._featureGrid is None:
-            self._runFeatures(pca=False, then=self._startSimilarity)
-        else:
-            self._startSimilarity()
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not start the similarity map.", waitCursor=True):
+            # the grid is kept for one CT (voxels, geometry), one model or backbone and one block
+            grid = self._featureGrids.get(p.ctVolume, self._featureSource(), p.featureLayer)
+            if grid is None:
+                self._runFeatures(pca=False, then=self._startSimilarity)
+            else:
+                self._startSimilarity(grid)
 
     def _runFeatures(self, pca: bool, then) -> None:
         p = self._parameterNode
@@ -302,16 +449,17 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ct, layer, source = p.ctVolume, p.featureLayer, self._featureSource()
 
             def finished(task):
-                pca_node, self._featureGrid = self.logic.lib.finish_features(task)
-                if pca_node is not None:
-                    display.show_overlay(slicer.mrmlScene, pca_node)
+                pcaNode, grid = self.logic.lib.finish_features(task)
+                self._featureGrids.put(task.image, source, layer, grid)
+                if pcaNode is not None:
+                    display.show_overlay(slicer.mrmlScene, pcaNode)
                 if then:
-                    then()
+                    then(grid)
 
             self._startJob("Computing features", lambda **callbacks: self.logic.lib.start_features(
                 ct, layer=layer, pca=pca, **source, **callbacks), finished)
 
-    def _startSimilarity(self) -> None:
+    def _startSimilarity(self, grid) -> None:
         p = self._parameterNode
         point = self.ui.similarityPointPlaceWidget.currentNode()
         if point is None:
@@ -320,22 +468,28 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.similarityPointPlaceWidget.setCurrentNode(point)
         if self._follower:
             self._follower.stop()
-        self._follower = features.CosineMapFollower(slicer.mrmlScene, p.ctVolume, self._featureGrid)
+        # the follower shows its map in the slice views as soon as the first point is placed; the planes
+        # in view come at once, the rest of the map in steps of the refine timer
+        self._follower = features.CosineMapFollower(slicer.mrmlScene, p.ctVolume, grid, progressive=True)
         self._follower.follow(point)
+        self._refineTimer.start()
         self.ui.similarityPointPlaceWidget.setPlaceModeEnabled(True)
-        if self._follower.volume is not None:
-            display.show_overlay(slicer.mrmlScene, self._follower.volume)
+        self._setStatus("Place or drag the point: the map follows it.")
+
+    def _onRefineTimer(self) -> None:
+        if self._follower is not None and self._follower.pending:
+            self._follower.refine(budget_s=0.04)
 
     # -- training set ---------------------------------------------------------------------------------
     def onAddCase(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Could not add the case.", waitCursor=True):
-            case_id = p.caseId or training_set.next_case_id(p.datasetDirectory)
-            written = training_set.add_case(p.datasetDirectory, case_id, p.ctVolume, p.segmentation, p.petVolume)
-            self.ui.trainingStatusLabel.text = f"Added {case_id}: {', '.join(path.name for path in written.values())}"
+            caseId = p.caseId or training_set.next_case_id(p.datasetDirectory)
+            written = training_set.add_case(p.datasetDirectory, caseId, p.ctVolume, p.segmentation, p.petVolume)
+            self.ui.trainingStatusLabel.text = f"Added {caseId}: {', '.join(path.name for path in written.values())}"
             p.caseId = ""
 
-    # -- child process --------------------------------------------------------------------------------
+    # -- jobs -----------------------------------------------------------------------------------------
     def _ensureDependencies(self) -> bool:
         """One confirmation, then torch and the bundled core library; False (no error) when declined."""
         return dependencies.ensure_in_slicer()
@@ -351,8 +505,9 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         timer only forwards to ``job.tick()``; ``onSuccess(task)`` imports the result."""
         self._stage = stage
         self._onJobSuccess = onSuccess
+        self.ui.progressBar.maximum = 0  # busy until the first progress event gives a total
         self.ui.progressBar.value = 0
-        self.ui.progressBar.format = f"{stage}…"
+        self._setStatus(f"{stage}…")
         self._task = start(on_event=self._onJobEvent, on_finish=self._onJobFinished)
         self._timer.start()
         self._updateButtons()
@@ -365,9 +520,11 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         kind = event["event"]
         if kind == "progress" and self._task is not None:
             percent = self._task.job.percent
-            message = event.get("message") or ""
-            self.ui.progressBar.value = percent or 0
-            self.ui.progressBar.format = f"{self._stage} {message} %p%".replace("  ", " ")
+            if percent is not None:
+                self.ui.progressBar.maximum = 100
+                self.ui.progressBar.value = percent
+                message = event.get("message") or ""
+                self._setStatus(f"{self._stage} {percent}%" + (f" ({message})" if message else ""))
         elif kind in ("log", "error"):
             self._log(event.get("message", ""))
 
@@ -377,22 +534,26 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._task = None
         self._onJobSuccess = None
         job = task.job
+        self.ui.progressBar.maximum = 100
         try:
             if job.state is JobState.SUCCEEDED:
-                self.ui.progressBar.format = f"{stage}: importing the result…"
+                self._setStatus(f"{stage}: importing the result…")
+                slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents)  # show the line before the import
                 onSuccess(task)
                 self.ui.progressBar.value = 100
-                self.ui.progressBar.format = f"{stage}: done"
+                self._setStatus(f"{stage}: done ({job.elapsed_s:.0f} s).")
             elif job.state is JobState.FAILED:
-                self.ui.progressBar.format = f"{stage}: failed"
+                self.ui.progressBar.value = 0
+                self._setStatus(f"{stage} failed: {job.error}")
                 self._log(job.error or "failed")
                 slicer.util.errorDisplay(f"{stage} failed: {job.error}")
             else:
-                self.ui.progressBar.format = f"{stage}: {job.state.value}"
-                self._log(f"{stage}: {job.state.value}.")
+                self.ui.progressBar.value = 0
+                self._setStatus(f"{stage}: {job.state.value}.")
         except InputRemovedError as exc:  # the scene was closed or the input deleted meanwhile: drop quietly
-            self._log(str(exc))
+            self._setStatus(str(exc))
         except Exception as exc:  # the result could not be imported: one line, not a traceback
+            self._setStatus(f"{stage}: {exc}")
             self._log(str(exc))
             slicer.util.errorDisplay(f"{stage}: {exc}")
         finally:

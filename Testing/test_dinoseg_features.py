@@ -80,25 +80,179 @@ def test_pca_file_on_the_image_grid_loads_as_rgb(scene, ct, tmp_path):
         features.load_rgb_overlay(scene, tmp_path / "shifted.nrrd", ct)
 
 
+def map_at_voxels(follower, ct, voxels):
+    """The follower's feature-resolution map read at image voxels through the physical space (nearest cell)."""
+    to_map = np.linalg.inv(volumes.ijk_to_ras(follower.volume)) @ volumes.ijk_to_ras(ct)
+    cosine = volumes.array_from_volume(follower.volume)
+    values = []
+    for ijk in voxels:
+        i, j, k = np.round((to_map @ np.array([*ijk, 1.0]))[:3]).astype(int)
+        values.append(cosine[k, j, i])
+    return np.array(values)
+
+
 def test_cosine_map_follows_the_markups_point(scene, ct, grid):
     follower = features.CosineMapFollower(scene, ct, grid)
     point = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Similarity point")
     follower.follow(point)
     assert follower.volume is None  # no point placed yet
     matrix = volumes.ijk_to_ras(ct)
+    rng = np.random.default_rng(1)
+    voxels = [tuple(rng.integers(0, n) for n in (40, 48, 6)) for _ in range(50)] + [(39, 47, 5), (0, 0, 0)]
     for ijk in ((3, 4, 1), (30, 40, 4)):
         ras = (matrix @ np.array([*ijk, 1.0]))[:3]
         if point.GetNumberOfControlPoints() == 0:
             point.AddControlPoint(*ras)
         else:
-            point.SetNthControlPointPosition(0, *ras)  # a drag
+            point.SetNthControlPointPosition(0, *ras)  # moved by a script: the whole map
         np.testing.assert_allclose(follower.point_index, ijk, atol=1e-6)
-        cosine = volumes.array_from_volume(follower.volume)
-        np.testing.assert_allclose(cosine[ijk[2], ijk[1], ijk[0]], 1.0, atol=1e-3)
-        np.testing.assert_array_equal(cosine, grid.cosine_map(ijk))
+        assert follower.last_planes is None
+        np.testing.assert_allclose(volumes.array_from_volume(follower.volume), grid.cosine_map_features(ijk), atol=1e-6)
+        # in physical space, every voxel of the CT reads the value of its own patch: the image-grid map
+        full = grid.cosine_map(ijk)
+        np.testing.assert_allclose(map_at_voxels(follower, ct, voxels), [full[k, j, i] for i, j, k in voxels], atol=1e-6)
+        np.testing.assert_allclose(map_at_voxels(follower, ct, [ijk])[0], 1.0, atol=1e-3)
     follower.stop()
     point.SetNthControlPointPosition(0, *(matrix @ np.array([3, 4, 1, 1.0]))[:3])
     np.testing.assert_allclose(follower.point_index, (30, 40, 4))  # no longer following
+
+
+def test_the_first_placed_point_shows_its_map(scene, ct, grid):
+    composite = scene.GetFirstNodeByClass("vtkMRMLSliceCompositeNode")
+    composite.SetBackgroundVolumeID(ct.GetID())
+    follower = features.CosineMapFollower(scene, ct, grid)
+    point = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Similarity point")
+    follower.follow(point)
+    assert composite.GetForegroundVolumeID() is None
+    point.AddControlPoint(*(volumes.ijk_to_ras(ct) @ np.array([20, 20, 2, 1.0]))[:3])
+    assert follower.volume is not None
+    assert composite.GetForegroundVolumeID() == follower.volume.GetID()
+    assert composite.GetBackgroundVolumeID() == ct.GetID()
+    assert follower.volume.GetDisplayNode().GetInterpolate()  # the views upsample it linearly
+
+
+def test_a_drag_updates_the_planes_in_view_then_the_whole_map(scene, ct, grid):
+    follower = features.CosineMapFollower(scene, ct, grid)
+    point = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Similarity point")
+    follower.follow(point)
+    matrix = volumes.ijk_to_ras(ct)
+    point.AddControlPoint(*(matrix @ np.array([3, 4, 1, 1.0]))[:3])
+    before = volumes.array_from_volume(follower.volume).copy()
+    point.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointStartInteractionEvent)
+    ijk = (30, 40, 4)
+    point.SetNthControlPointPosition(0, *(matrix @ np.array([*ijk, 1.0]))[:3])
+    # the scene's one (axial) view is outside the CT: the three planes through the point
+    cell = grid.feature_index(ijk)
+    assert follower.last_planes == [(0, cell[0]), (1, cell[1]), (2, cell[2])]
+    # dragged in the axial view, which then shows the point's slice: that plane only
+    slice_node = scene.GetFirstNodeByClass("vtkMRMLSliceNode")
+    slice_node.GetSliceToRAS().SetElement(2, 3, (matrix @ np.array([*ijk, 1.0]))[2])
+    slice_node.UpdateMatrices()
+    before = volumes.array_from_volume(follower.volume).copy()
+    ijk = (22, 40, 4)  # same axial slice
+    point.SetNthControlPointPosition(0, *(matrix @ np.array([*ijk, 1.0]))[:3])
+    assert follower.last_planes == [(0, cell[0])]
+    planes = follower.last_planes
+    during = volumes.array_from_volume(follower.volume)
+    full = grid.cosine_map_features(ijk)
+    shown = np.zeros(full.shape, dtype=bool)
+    for axis, index in planes:
+        where = [slice(None)] * 3
+        where[axis] = index
+        shown[tuple(where)] = True
+    np.testing.assert_allclose(during[shown], full[shown], atol=1e-6)  # what is seen is exact
+    np.testing.assert_array_equal(during[~shown], before[~shown])  # the rest waits for the end of the drag
+    assert (~shown).any()
+    point.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
+    assert follower.last_planes is None
+    np.testing.assert_allclose(volumes.array_from_volume(follower.volume), full, atol=1e-6)
+
+
+def test_progressive_whole_map_shows_the_views_first_then_refines(scene, ct, grid):
+    follower = features.CosineMapFollower(scene, ct, grid, progressive=True)
+    point = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Similarity point")
+    follower.follow(point)
+    ijk = (30, 40, 4)
+    point.AddControlPoint(*(volumes.ijk_to_ras(ct) @ np.array([*ijk, 1.0]))[:3])  # placed: not dragging
+    full = grid.cosine_map_features(ijk)
+    cell = grid.feature_index(ijk)
+    assert follower.last_planes == [(0, cell[0]), (1, cell[1]), (2, cell[2])]  # no view inside the CT
+    assert follower.pending and cell[0] not in follower.pending
+    first = volumes.array_from_volume(follower.volume)
+    np.testing.assert_allclose(first[cell[0]], full[cell[0]], atol=1e-6)
+    not_yet = list(follower.pending)
+    computed = np.zeros(full.shape, dtype=bool)
+    computed[cell[0]] = computed[:, cell[1]] = computed[:, :, cell[2]] = True
+    np.testing.assert_allclose(first[computed], full[computed], atol=1e-6)
+    assert (first[~computed] == -1).all()  # not drawn yet (below the display threshold)
+    steps = 0
+    while not follower.refine(budget_s=0.0):  # one plane per call
+        steps += 1
+    assert steps == len(not_yet) - 1
+    np.testing.assert_allclose(volumes.array_from_volume(follower.volume), full, atol=1e-6)
+    point.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointStartInteractionEvent)
+    point.SetNthControlPointPosition(0, *(volumes.ijk_to_ras(ct) @ np.array([3, 4, 1, 1.0]))[:3])
+    assert follower.pending == []  # a drag computes only what is in view
+    point.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
+    assert follower.pending  # the end of the drag: the rest of the map follows
+    while not follower.refine():
+        pass
+    np.testing.assert_allclose(volumes.array_from_volume(follower.volume), grid.cosine_map_features((3, 4, 1)), atol=1e-6)
+
+
+def test_the_axial_view_plane_is_among_the_planes_in_view(scene, ct, grid):
+    slice_node = scene.GetFirstNodeByClass("vtkMRMLSliceNode")  # axial; the CT is tilted in-plane only
+    centre = volumes.ijk_to_ras(ct) @ np.array([0, 0, 3, 1.0])
+    slice_node.GetSliceToRAS().SetElement(2, 3, centre[2])
+    slice_node.UpdateMatrices()
+    assert (0, 3) in features.feature_planes_in_view(scene, ct, grid)
+
+
+def test_the_grid_holds_no_float32_copy_and_an_update_stays_bounded(scene, ct):
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    raw = rng.standard_normal((20, 32, 32, 384)).astype(np.float16)  # 15 MiB, like 20 slices of ViT-S
+    grid = features.FeatureGrid(raw, (20, 512, 512), voxels_per_cell=(1, 16, 16))
+    assert grid.features.dtype == np.float16
+    np.testing.assert_allclose(np.linalg.norm(grid.features[3, 4].astype(np.float32), axis=-1), 1.0, atol=2e-3)
+    arrays = [v for v in vars(grid).values() if isinstance(v, np.ndarray)]
+    assert sum(a.nbytes for a in arrays) == grid.features.nbytes
+    tracemalloc.start()
+    grid.cosine_map_features((100, 200, 7))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < grid.features.nbytes  # a float32 copy of the grid would be twice its size
+
+
+def test_the_feature_grid_is_dropped_when_ct_model_block_or_scene_change(scene, ct, grid):
+    cache = features.FeatureGridCache()
+    model = {"model_dir": "/models/a"}
+    cache.put(ct, model, -1, grid)
+    assert cache.get(ct, model, -1) is grid
+    assert cache.get(ct, {"model_dir": "/models/b"}, -1) is None  # another model
+    assert cache.get(ct, {"backbone": "/models/a"}, -1) is None
+    assert cache.get(ct, model, 5) is None  # another block
+    other = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT 2")
+    volumes.update_volume_from_array(other, volumes.array_from_volume(ct))
+    volumes.set_ijk_to_ras(other, volumes.ijk_to_ras(ct))
+    assert cache.get(other, model, -1) is None  # another CT
+    assert cache.get(ct, model, -1) is grid
+    volumes.update_volume_from_array(ct, volumes.array_from_volume(ct) + 1)  # its voxels changed
+    assert cache.get(ct, model, -1) is None
+    cache.put(ct, model, -1, grid)
+    matrix = volumes.ijk_to_ras(ct)
+    matrix[0, 3] += 5
+    volumes.set_ijk_to_ras(ct, matrix)  # moved
+    assert cache.get(ct, model, -1) is None
+    cache.put(ct, model, -1, grid)
+    scene.Clear(0)  # the scene is closed: the new CT of the same name gets no stale map
+    again = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+    volumes.update_volume_from_array(again, np.zeros((6, 48, 40), np.float32))
+    volumes.set_ijk_to_ras(again, matrix)
+    assert cache.get(again, model, -1) is None
+    cache.clear()
+    assert cache.grid is None
 
 
 @pytest.mark.slow  # two torch child processes

@@ -4,7 +4,6 @@ Each test drives the job the way a front-end does: ``tick()`` from a loop standi
 from __future__ import annotations
 
 import signal
-import sys
 import textwrap
 import time
 
@@ -223,3 +222,12 @@ def test_a_job_runs_once(dinomed_python):
     assert any(line.startswith("dinomed ") for line in job.log)
     with pytest.raises(JobError, match="already started"):
         job.start()
+
+
+def test_the_log_is_bounded_and_keeps_the_latest_lines(dinomed_python):
+    script = ("import sys\nfrom dinomed.events import EventWriter\nw = EventWriter(enabled=True)\n"
+              "[print(f'line {i}', file=sys.stderr) for i in range(50)]\nw.done()\n")
+    job = Job([], command=[dinomed_python, "-c", script], log_lines=5).start()
+    assert job.wait(timeout=60) is JobState.SUCCEEDED
+    assert job.log == [f"line {i}" for i in range(45, 50)]
+    assert job.log[-2:] == ["line 48", "line 49"]  # a list: slices work

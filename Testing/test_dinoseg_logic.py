@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicer
 
-from DINOSegLib import DINOSegLogic, Job, JobState, lesions, volumes
+from DINOSegLib import DINOSegLogic, InputRemovedError, Job, JobState, lesions, volumes
 from DINOSegLib import segmentation as seglib
 from DINOSegLib.models import read_model_info
 from dinoseg_testdata import MODEL_JSON
@@ -145,3 +146,67 @@ def test_segment_with_a_tiny_model(scene, logic, phantom, tmp_path):
         rows = list(csv.DictReader(handle))
     assert result.lesion_table.GetTable().GetNumberOfRows() == len(rows)
     assert result.lesion_table.GetNodeReference("DINOSeg.Segmentation") is seg
+
+
+def test_a_nifti_pet_ct_loads_without_dinomed_and_honours_the_opacity(scene, phantom, tmp_path):
+    logic = DINOSegLogic(scene, python=str(tmp_path / "no-python"))  # no child process could start
+    assert not logic.needs_dinomed_to_load(phantom / "ct.nii.gz", phantom / "pet.nii.gz")
+    assert not logic.needs_dinomed_to_load(phantom / "ct_dicom", None)
+    assert logic.needs_dinomed_to_load(phantom / "ct.nii.gz", phantom / "pet_dicom")
+    ct, pet = logic.load_pet_ct(phantom / "ct.nii.gz", phantom / "pet.nii.gz", opacity=0.3)
+    composite = scene.GetFirstNodeByClass("vtkMRMLSliceCompositeNode")
+    assert composite.GetForegroundVolumeID() == pet.GetID()
+    assert abs(composite.GetForegroundOpacity() - 0.3) < 1e-9
+
+
+def test_a_dicom_ct_goes_through_the_dicom_loader(scene, logic, phantom):
+    seen = []
+
+    def dicom_loader(folder):  # what the widget passes: DICOM database import + DICOM plugins
+        seen.append(folder)
+        return volumes.read_volume(scene, sorted(folder.iterdir())[0])
+
+    first_file = sorted((phantom / "ct_dicom").iterdir())[0]
+    for path in (phantom / "ct_dicom", first_file):
+        ct = logic.load_ct(path, name="CT", dicom_loader=dicom_loader)
+        assert ct.GetName() == "CT" and ct.GetScene() is scene
+    assert seen == [phantom / "ct_dicom", phantom / "ct_dicom"]
+    logic.load_ct(phantom / "ct.nii.gz", dicom_loader=dicom_loader)
+    assert len(seen) == 2  # a NIfTI CT never goes through it
+
+
+def test_the_dicom_pet_to_suv_conversion_is_a_job_with_cancel(scene, logic, phantom):
+    volumes_before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    task = logic.start_pet_suv(phantom / "pet_dicom")
+    assert task.job.state is JobState.RUNNING and task.work_dir.is_dir()
+    task.job.cancel()  # the Cancel button: returns at once, the child and its files are gone
+    assert task.job.state is JobState.CANCELLED and not task.work_dir.exists()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes_before
+
+    finished = []
+    task = logic.start_pet_suv(phantom / "pet_dicom", name="PET", on_finish=finished.append)
+    deadline = time.monotonic() + 120
+    while not finished and time.monotonic() < deadline:  # the widget's timer
+        task.job.tick()
+        time.sleep(0.05)
+    assert finished == [task] and task.job.state is JobState.SUCCEEDED
+    pet = logic.finish_pet_suv(task)
+    assert pet.GetName() == "PET" and pet.GetVoxelValueUnits().GetCodeValue() == "{SUVbw}g/ml"
+    assert not task.work_dir.exists()
+
+
+@pytest.mark.slow  # a torch child process
+def test_the_scene_closed_while_a_job_runs_drops_the_result(scene, logic, tmp_path):
+    """The CT is gone when the features arrive: nothing is added, the error says why."""
+    ct = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+    volumes.update_volume_from_array(ct, np.zeros((2, 32, 32), np.float32))
+    finished = []
+    task = logic.start_features(ct, cache_dir=tmp_path / "cache", on_finish=finished.append,
+                                extra_args=["--arch", "vit_tiny", "--random-init", "--device", "cpu"])
+    scene.Clear(0)  # File > Close scene while the child runs
+    task.job.wait(timeout=300)
+    assert finished == [task] and task.job.state is JobState.SUCCEEDED
+    with pytest.raises(InputRemovedError, match="removed from the scene"):
+        logic.finish_features(task)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLVolumeNode") == 0
+    assert not task.work_dir.exists()

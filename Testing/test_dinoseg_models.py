@@ -62,3 +62,37 @@ def test_bad_model_folders_name_the_problem(tmp_path):
     no_weights = make_model(tmp_path / "noweights", weights=False)
     with pytest.raises(models.ModelFolderError, match="model.safetensors is missing"):
         models.add_model_folder(no_weights, tmp_path / "models")
+
+
+def test_the_user_models_folder_is_per_user_and_remembered(tmp_path):
+    settings = tmp_path / "slicer.org"
+    user = models.user_models_dir(settings)
+    assert user == settings / "DINOSeg" / "Models"
+    assert models.resolve_models_dir(None, settings) == user
+    assert models.resolve_models_dir("", settings) == user
+    assert models.resolve_models_dir(".", settings) == user
+    # the old default, inside the extension (an extension update wipes it): moved to the user's folder
+    assert models.resolve_models_dir(str(models.BUNDLED_MODELS_DIR), settings) == user
+    assert models.resolve_models_dir(str(tmp_path / "mine"), settings) == tmp_path / "mine"
+    assert models.BUNDLED_MODELS_DIR.resolve() not in user.resolve().parents
+    with pytest.raises(models.ModelFolderError, match="settings folder"):
+        models.user_models_dir()  # no Slicer application in the tests
+
+
+def test_register_model_lands_in_the_user_folder_and_refreshes_every_list(tmp_path):
+    settings = tmp_path / "slicer.org"
+    source = make_model(tmp_path / "runs" / "finetuned", name="finetuned")
+    lists = {"dinoseg": [], "web": []}
+    removers = [models.add_models_listener(lambda path, name=name: lists[name].append(path)) for name in lists]
+    try:
+        models.add_models_listener(lambda path: 1 / 0)()  # added and removed at once
+        target = models.register_model(source, settings_dir=settings)
+        assert target == models.user_models_dir(settings) / "finetuned"
+        assert lists == {"dinoseg": [target], "web": [target]}
+        assert [p.name for p in models.list_model_folders(models.user_models_dir(settings))] == ["finetuned"]
+        removers[1]()
+        models.notify_models_changed()
+        assert lists["dinoseg"] == [target, None] and lists["web"] == [target]
+    finally:
+        for remove in removers:
+            remove()

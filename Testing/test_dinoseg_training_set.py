@@ -77,3 +77,21 @@ def test_case_must_fit_the_dataset(scene, tmp_path, case):
         training_set.add_case(dataset, "c", ct, seg, pet)
     with pytest.raises(training_set.TrainingSetError, match="case id"):
         training_set.add_case(dataset, "../evil", ct, seg, pet)
+
+
+def test_add_this_case_enables_with_ct_segmentation_and_a_chosen_folder(scene, tmp_path):
+    import pathlib
+
+    assert training_set.configured_path(pathlib.Path()) is None  # the parameter node's empty path prints "."
+    assert training_set.configured_path("") is None and training_set.configured_path(None) is None
+    assert training_set.configured_path(tmp_path) == tmp_path
+    ct = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    assert not training_set.can_add_case(ct, seg, tmp_path)  # a CT without voxels
+    volumes.update_volume_from_array(ct, np.zeros((2, 3, 4), np.float32))
+    assert not training_set.can_add_case(ct, seg, pathlib.Path())
+    assert not training_set.can_add_case(ct, None, tmp_path)
+    assert not training_set.can_add_case(None, seg, tmp_path)
+    assert training_set.can_add_case(ct, seg, str(tmp_path / "new-dataset"))
+    with pytest.raises(training_set.TrainingSetError, match="choose a dataset folder"):
+        training_set.add_case(pathlib.Path(), "case1", ct, seg)

@@ -182,3 +182,19 @@ def test_headers_give_the_classes_their_real_interface(model):
     assert "mrmlSceneChanged(vtkMRMLScene*)" in model.signals("qSlicerMarkupsPlaceWidget")
     assert "clicked(QModelIndex)" in model.signals("qMRMLTableView")
     assert model.has_property("ctkCollapsibleButton", "checked") and model.has_property("ctkCollapsibleButton", "collapsed")
+
+
+@needs_headers
+def test_a_module_connector_extends_what_a_type_binds_to(good):
+    """A module's own @parameterNodeGuiConnector (DINOSeg binds a str to a ctkDirectoryButton-like path widget)
+    makes that binding legal; without it the same binding is a fault."""
+    py = GOOD_PY.replace("    folder: pathlib.Path\n", "    folder: str\n")
+    assert any("parameter 'folder' (str) is bound to folderButton" in p for p in good(GOOD_UI, py))
+    connector = '''
+@parameterNodeGuiConnector
+class DirectoryButtonToStr(GuiConnector):
+    @staticmethod
+    def canRepresent(widget, datatype) -> bool:
+        return type(widget) == ctk.ctkDirectoryButton and unannotatedType(datatype) is str
+'''
+    assert good(GOOD_UI, connector + py) == []

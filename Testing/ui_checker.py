@@ -337,6 +337,23 @@ def parameter_types(module_source: str) -> dict[str, tuple[str | None, bool]]:
     return out
 
 
+def module_connectors(module_source: str) -> dict[str, set[str]]:
+    """Type kind -> widget classes that the module's own ``@parameterNodeGuiConnector`` classes bind, read from
+    their ``canRepresent`` (``type(widget) == ctk.ctkPathLineEdit and unannotatedType(datatype) is str``)."""
+    out: dict[str, set[str]] = {}
+    for node in ast.parse(module_source).body:
+        if isinstance(node, ast.ClassDef) and any(
+                (getattr(d, "id", None) or getattr(d, "attr", None)) == "parameterNodeGuiConnector" for d in node.decorator_list):
+            for statement in node.body:
+                if isinstance(statement, ast.FunctionDef) and statement.name == "canRepresent":
+                    text = ast.unparse(statement)
+                    kinds = re.findall(r"unannotatedType\(\w+\) is (\w+)", text)
+                    classes = re.findall(r"type\(\w+\) == (?:\w+\.)?(\w+)", text)
+                    for kind in kinds:
+                        out.setdefault("Path" if kind in PATH_TYPES else kind, set()).update(classes)
+    return out
+
+
 def parameter_fields(module_source: str) -> set[str]:
     """The parameters of the module's @parameterNodeWrapper class(es)."""
     fields = set()
@@ -419,10 +436,13 @@ def problems(ui_text: str, module_source: str, model: WidgetModel | None = None,
     for parameter in sorted(set(bound) - fields):
         found.append(f"{ui_name}: SlicerParameterName {parameter!r} of {bound[parameter]} names no parameter")
     classes_by_name = widgets
+    own_connectors = module_connectors(module_source)
     for parameter, (kind, choice) in sorted(parameter_types(module_source).items()):
         for name in bound.get(parameter, []):
             widget_class = classes_by_name.get(name)
             allowed = CONNECTOR_WIDGETS.get(kind)
+            if allowed is not None:
+                allowed = allowed | own_connectors.get(kind, set())
             if allowed is None:
                 continue  # an enum or a type this table does not know: not checked
             if widget_class in COMBO_BOXES and kind in ("int", "float", "str", "bool"):

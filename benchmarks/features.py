@@ -139,6 +139,9 @@ def main(argv=None) -> int:
     median, _ = timed(lambda: cosine_map(cached, next(it), mode="3d"), 3)
     rows.append(("cosine map 3D upsampled to the image grid (sitk.Image)", f"{median * 1000:.0f} ms", "median of 3"))
 
+    # ---- the live map in Slicer: DINOSegLib.features.CosineMapFollower on a real MRML scene ----
+    rows.extend(slicer_live_map_rows(full, (depth, height, width), feats.patch_size, args.repeats))
+
     # ---- PCA on the features actually computed (the part volume) ----
     median, _ = timed(lambda: pca_rgb(feats, image=part), 3)
     rows.append((f"PCA RGB with body mask ({n} slices), to the image grid", f"{median * 1000:.0f} ms", "median of 3"))
@@ -153,6 +156,90 @@ def main(argv=None) -> int:
     for name, value, note in rows:
         print(f"{name.ljust(name_w)}  {value.rjust(value_w)}  {note}")
     return 0
+
+
+def slicer_live_map_rows(full: np.ndarray, image_shape, patch_size: int, repeats: int) -> list[tuple[str, str, str]]:
+    """Time DINOSeg's live cosine map (a real slicer-core scene, the grid read as the Lib reads the cache):
+    one update while a point is dragged (the planes in view), and the whole map (placing, end of a drag)."""
+    try:
+        import slicer  # noqa: F401  (slicer-core)
+    except ImportError:
+        return [("live map in Slicer (DINOSegLib)", "-", "skipped: slicer-core is not installed")]
+    import tracemalloc
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "DINOSeg"))
+    import vtk
+    from DINOSegLib.features import CosineMapFollower, FeatureGrid
+
+    depth, height, width = image_shape
+    scene = slicer.vtkMRMLScene()
+    # the three standard views (slice-to-RAS rotations of Slicer's Axial, Sagittal, Coronal presets), all
+    # through the middle of the volume; a point dragged in one of them stays in that view's plane
+    centre = np.array([0.8 * width / 2, 0.8 * height / 2, 2.0 * depth / 2])
+    views = {"Red": [[-1, 0, 0], [0, 1, 0], [0, 0, 1]], "Yellow": [[0, 0, 1], [-1, 0, 0], [0, 1, 0]],
+             "Green": [[-1, 0, 0], [0, 0, 1], [0, 1, 0]]}
+    for name, rotation in views.items():
+        slice_node = slicer.vtkMRMLSliceNode()
+        slice_node.SetLayoutName(name)
+        matrix = slice_node.GetSliceToRAS()
+        for r in range(3):
+            for c in range(3):
+                matrix.SetElement(r, c, rotation[r][c])
+            matrix.SetElement(r, 3, centre[r])
+        slice_node.UpdateMatrices()
+        scene.AddNode(slice_node)
+        scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode").SetLayoutName(name)
+    image = vtk.vtkImageData()
+    image.SetDimensions(width, height, depth)  # geometry only: the follower never reads the CT's voxels
+    ct = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+    ct.SetAndObserveImageData(image)
+    ct.SetSpacing(0.8, 0.8, 2.0)
+    start = time.perf_counter()
+    grid = FeatureGrid(np.ascontiguousarray(np.transpose(full, (0, 2, 3, 1))), image_shape,
+                       voxels_per_cell=(1, patch_size, patch_size))
+    load_ms = (time.perf_counter() - start) * 1000
+    follower = CosineMapFollower(scene, ct, grid)
+    rng = np.random.default_rng(1)
+    points = [np.array([rng.uniform(0, width - 1), rng.uniform(0, height - 1), rng.uniform(0, depth - 1), 1.0])
+              for _ in range(repeats)]
+    matrix = np.array([[0.8, 0, 0, 0], [0, 0.8, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1.0]])
+    follower.update((matrix @ points[0])[:3], whole=True)  # the first map (placing the point)
+    it = iter(points * 2)
+    follower.dragging = True
+    drag, _ = timed(lambda: follower.update((matrix @ next(it))[:3]), repeats)
+    planes = len(follower.last_planes)
+    tracemalloc.start()
+    follower.update((matrix @ points[1])[:3])
+    drag_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    follower.update((matrix @ points[2])[:3], whole=True)
+    whole_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    it = iter(points * 2)
+    whole, _ = timed(lambda: follower.update((matrix @ next(it))[:3], whole=True), 5)
+    # what the widget does: progressive, the planes in view at once, the rest in refine() steps of its timer
+    follower.dragging = False
+    follower.progressive = True
+    it = iter(points * 2)
+    placed, _ = timed(lambda: follower.update((matrix @ next(it))[:3]), repeats)
+    steps = []
+    while follower.pending:
+        start = time.perf_counter()
+        follower.refine(budget_s=0.04)
+        steps.append(time.perf_counter() - start)
+    mib = 2**20
+    zf, yf, xf = grid.grid_shape
+    return [
+        ("Slicer: grid from the cache, unit float16 in place", f"{load_ms:.0f} ms",
+         f"once per volume; kept: {grid.features.nbytes / mib:.0f} MiB (no float32 copy)"),
+        ("Slicer: live map while dragging (planes in view)", f"{drag * 1000:.1f} ms",
+         f"{planes} planes of the {zf}×{yf}×{xf} grid, median of {repeats}; peak extra memory {drag_peak / mib:.1f} MiB"),
+        ("Slicer: whole map at once (placing, end of drag)", f"{whole * 1000:.0f} ms",
+         f"median of 5; peak extra memory {whole_peak / mib:.1f} MiB; map volume {zf * yf * xf * 4 / mib:.1f} MiB"),
+        ("Slicer: progressive, placing (the planes in view)", f"{placed * 1000:.1f} ms", f"median of {repeats}"),
+        ("Slicer: progressive, one refine step (budget 40 ms)", f"{statistics.median(steps) * 1000:.1f} ms",
+         f"median of {len(steps)} steps, max {max(steps) * 1000:.0f} ms, {sum(steps):.2f} s to complete the map"),
+    ]
 
 
 if __name__ == "__main__":

@@ -47,3 +47,36 @@ def show_overlay(scene, overlay_node, opacity: float = 0.5) -> None:
         composite = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
         composite.SetForegroundVolumeID(overlay_node.GetID())
         composite.SetForegroundOpacity(opacity)
+
+
+def set_pet_opacity(scene, pet_node, opacity: float) -> int:
+    """The PET opacity slider: change the foreground opacity of the slice views that show this PET, and
+    nothing else (the CT's window/level, a feature overlay in another view, the layers stay as they are).
+    Returns how many views changed."""
+    if pet_node is None:
+        return 0
+    changed = 0
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        if composite.GetForegroundVolumeID() == pet_node.GetID():
+            composite.SetForegroundOpacity(float(opacity))
+            changed += 1
+    return changed
+
+
+def show_segmentation_3d(segmentation_node, visible: bool = True) -> None:
+    """"Show 3D" of a segmentation (as TotalSegmentator and MONAIAuto3DSeg offer): build the closed surface
+    and show it in the 3D views; ``visible=False`` hides it again (the surface is kept)."""
+    if visible:
+        from .segmentation import ensure_segmentation_converters
+
+        ensure_segmentation_converters()
+        segmentation_node.CreateClosedSurfaceRepresentation()
+    segmentation_node.CreateDefaultDisplayNodes()
+    segmentation_node.GetDisplayNode().SetVisibility3D(bool(visible))
+
+
+def segmentation_shown_in_3d(segmentation_node) -> bool:
+    display = segmentation_node.GetDisplayNode() if segmentation_node is not None else None
+    return bool(display is not None and display.GetVisibility3D()
+                and segmentation_node.GetSegmentation().ContainsRepresentation("Closed surface"))

@@ -16,8 +16,9 @@ Ending a job, two ways (both leave no process behind):
   descendant psutil finds, also those that left the group, e.g. torchrun ranks), the job's own temporary
   paths are removed, and the job is CANCELLED. It returns in milliseconds.
 
-Exit status convention (docs/CONTRACTS.md): 0 succeeded, 2 bad input (the ``error`` event holds the one-line
-message), 3 stopped on request; killed by this runner: cancelled.
+Exit status convention of the runner (issue 13; branch i17-console adds EXIT_STOPPED to dinomed/errors.py):
+0 succeeded, 2 bad input (the ``error`` event holds the one-line message), 3 stopped on request; killed by
+this runner: cancelled.
 
 Usage::
 
@@ -27,7 +28,6 @@ Usage::
 """
 from __future__ import annotations
 
-import collections
 import enum
 import os
 import queue
@@ -46,6 +46,8 @@ EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3  # dinomed finetune|pretrain after SIGTERM/SIGINT: checkpoint saved, exited on request
 # after the child exited, how long tick() keeps waiting for a grandchild that still holds its stdout open
 _READER_GRACE_S = 2.0
+# events kept in Job.events (a long training run writes a metric per step); the oldest are dropped beyond it
+MAX_EVENTS = 20000
 
 
 class JobState(str, enum.Enum):
@@ -111,8 +113,9 @@ class Job:
         self.returncode: int | None = None
         self.error: str | None = None
         self.artifacts: dict[str, str] = {}
-        self.events: list[dict] = []
-        self.log: collections.deque[str] = collections.deque(maxlen=log_lines)
+        self.events: list[dict] = []  # every event in order, the latest MAX_EVENTS at most
+        self.log: list[str] = []  # stdout/stderr lines that were not events, the latest log_lines
+        self._log_lines = max(1, int(log_lines))
         self.started_at: float | None = None
         self.ended_at: float | None = None
 
@@ -238,11 +241,15 @@ class Job:
 
     def _add_log(self, line: str) -> None:
         self.log.append(line)
+        if len(self.log) > self._log_lines:
+            del self.log[: len(self.log) - self._log_lines]
         if self.on_log:
             self.on_log(line)
 
     def _handle(self, event: dict) -> None:
         self.events.append(event)
+        if len(self.events) > MAX_EVENTS:
+            del self.events[: len(self.events) - MAX_EVENTS // 2]  # amortised: trim by half at a time
         kind = event["event"]
         if kind == "progress":
             total = event.get("total")

@@ -21,7 +21,7 @@ from typing import Callable
 from .display import set_suv_units, show_pet_ct
 from .lesions import lesion_table_node
 from .models import BUNDLED_MODELS_DIR, ModelInfo, list_model_folders, read_model_info
-from .jobs import Job, JobState
+from .jobs import Job
 from .segmentation import place_in_study, segmentation_from_labelmap
 from .volumes import read_volume, write_volume
 
@@ -99,9 +99,29 @@ class DINOSegLogic:
         return list_model_folders(*self.models_dirs)
 
     # -- inputs ---------------------------------------------------------------------------------------
-    def load_ct(self, path: str | os.PathLike, name: str | None = None):
-        """A CT from a file (NIfTI, NRRD, MHA) or a DICOM series (a file of it, or its folder)."""
-        return read_volume(self.scene, _series_file(Path(path)), name=name or "CT")
+    def load_ct(self, path: str | os.PathLike, name: str | None = None, dicom_loader: Callable | None = None):
+        """A CT from a file (NIfTI, NRRD, MHA) or a DICOM series (a file of it, or its folder).
+
+        A DICOM series goes through ``dicom_loader(folder) -> volume node`` when one is given: inside Slicer
+        the widget passes one that imports the series into Slicer's DICOM database and loads it with the DICOM
+        plugins, so that the CT keeps its DICOM identity (study, series, instance UIDs in the subject hierarchy)
+        and a segmentation of it can be exported as DICOM SEG. slicer-core has no DICOM database or plugins,
+        so without a loader (scripts, tests, the web app) the series is read by ITK's archetype reader: right
+        voxels and geometry, but no DICOM references (DICOM SEG export then needs the CT from the database)."""
+        path = Path(path)
+        if dicom_loader is not None and self.is_dicom_path(path):
+            node = dicom_loader(path if path.is_dir() else path.parent)
+            if node is None:
+                raise DINOSegError(f"no volume could be loaded from the DICOM series in {path}")
+            if name:
+                node.SetName(name)
+            return node
+        return read_volume(self.scene, _series_file(path), name=name or "CT")
+
+    def needs_dinomed_to_load(self, ct_path, pet_path=None) -> bool:
+        """Whether loading these files needs ``dinomed`` (a DICOM PET is converted to SUV by ``dinomed suv``);
+        a CT, or a PET already in SUV (NIfTI/NRRD), loads in Slicer alone, so no dependency is installed for it."""
+        return pet_path is not None and self.is_dicom_path(pet_path)
 
     def pet_to_suv_command(self, pet_dicom: str | os.PathLike, out_path: str | os.PathLike) -> list[str]:
         """``dinomed suv`` arguments: PET DICOM series to body-weight SUV (issue 3's CLI)."""
@@ -152,9 +172,10 @@ class DINOSegLogic:
         set_suv_units(node)
         return node
 
-    def load_pet_ct(self, ct_path, pet_path=None, opacity: float = 0.5):
-        """Load a CT and optionally a PET (SUV), and show the PET fused over the CT at ``opacity``."""
-        ct = self.load_ct(ct_path)
+    def load_pet_ct(self, ct_path, pet_path=None, opacity: float = 0.5, dicom_loader: Callable | None = None):
+        """Load a CT and optionally a PET (SUV), and show the PET fused over the CT at ``opacity`` (blocking;
+        the widget loads the PET of a DICOM series with :meth:`start_pet_suv` instead)."""
+        ct = self.load_ct(ct_path, dicom_loader=dicom_loader)
         pet = self.load_pet(pet_path) if pet_path else None
         show_pet_ct(self.scene, ct, pet, opacity=opacity)
         return ct, pet

@@ -150,3 +150,75 @@ def add_model_folder(source: str | os.PathLike, models_dir: str | os.PathLike, l
         shutil.copytree(source, tmp)
         os.replace(tmp, target)
     return target
+
+
+# -- the user's models folder ---------------------------------------------------------------------------
+# Bundled models live in the extension (read-only, replaced on update); the user's own models in a per-user
+# folder beside Slicer's settings file, which survives extension updates and Slicer upgrades.
+USER_MODELS_SUBDIR = ("DINOSeg", "Models")
+
+
+def slicer_settings_dir() -> Path:
+    """The folder of Slicer's user settings file (``slicer.app.slicerUserSettingsFilePath``: e.g.
+    ``~/.config/slicer.org`` on Linux, ``%APPDATA%\\slicer.org`` on Windows); only inside Slicer."""
+    try:
+        import slicer
+
+        return Path(slicer.app.slicerUserSettingsFilePath).parent
+    except (ImportError, AttributeError):
+        raise ModelFolderError("no Slicer application here: give the settings folder (settings_dir=…)") from None
+
+
+def user_models_dir(settings_dir: str | os.PathLike | None = None) -> Path:
+    """The user's DINOSeg models folder: ``<settings_dir>/DINOSeg/Models`` (``settings_dir`` defaults to
+    Slicer's settings folder, :func:`slicer_settings_dir`). Not created here."""
+    root = Path(settings_dir) if settings_dir is not None else slicer_settings_dir()
+    return root.joinpath(*USER_MODELS_SUBDIR)
+
+
+def resolve_models_dir(saved: str | os.PathLike | None, settings_dir: str | os.PathLike | None = None) -> Path:
+    """The models folder to show: the one the user chose last (``saved``, from the settings), else the
+    per-user folder. An empty value, ``"."`` or the extension's own bundled folder (the old default, which an
+    extension update wipes) fall back to the per-user folder."""
+    text = str(saved).strip() if saved is not None else ""
+    if text and text != "." and Path(text).resolve() != BUNDLED_MODELS_DIR.resolve():
+        return Path(text)
+    return user_models_dir(settings_dir)
+
+
+_models_listeners: list = []
+
+
+def add_models_listener(callback) -> "callable":
+    """Call ``callback(path)`` whenever a model is registered (:func:`register_model`) or a models folder
+    changed (:func:`notify_models_changed`); returns a function that removes the listener. Every open model
+    list (DINOSeg's widget, the web app) listens, so a model registered by DINOPretrain appears at once."""
+    _models_listeners.append(callback)
+
+    def remove():
+        if callback in _models_listeners:
+            _models_listeners.remove(callback)
+
+    return remove
+
+
+def notify_models_changed(path: str | os.PathLike | None = None) -> None:
+    """Tell every model list to refresh (a listener's error is logged, never raised to the caller)."""
+    import logging
+
+    for callback in list(_models_listeners):
+        try:
+            callback(Path(path) if path is not None else None)
+        except Exception as exc:  # one broken list must not stop a registration
+            logging.warning("a model list could not refresh: %s", exc)
+
+
+def register_model(model_dir: str | os.PathLike, models_dir: str | os.PathLike | None = None, link: bool = False,
+                   settings_dir: str | os.PathLike | None = None) -> Path:
+    """"Register this model in DINOSeg" (DINOPretrain calls this after a finetuning run): copy (or link) the
+    model folder into ``models_dir`` (default: the user's models folder, :func:`user_models_dir`) and
+    refresh every model list. Returns the registered folder."""
+    target_dir = Path(models_dir) if models_dir is not None else user_models_dir(settings_dir)
+    target = add_model_folder(model_dir, target_dir, link=link)
+    notify_models_changed(target)
+    return target

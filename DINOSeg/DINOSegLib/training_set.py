@@ -69,6 +69,8 @@ def add_case(dataset_dir: str | os.PathLike, case_id: str, ct_node, seg_node, pe
              overwrite: bool = False) -> dict[str, Path]:
     """Write one case (CT, optional PET on the CT grid, the segmentation as labels) into the dataset and
     update ``dataset.json``; returns the written paths. Every case of a dataset must have the same channels."""
+    if configured_path(dataset_dir) is None:
+        raise TrainingSetError("choose a dataset folder first (an empty path is never the current folder)")
     dataset = Path(dataset_dir)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", case_id):
         raise TrainingSetError(f"case id {case_id!r}: use letters, digits, '_', '-', '.' only")
@@ -115,6 +117,19 @@ def add_case(dataset_dir: str | os.PathLike, case_id: str, ct_node, seg_node, pe
     _atomic_write_json(meta_path, meta)
     written["dataset.json"] = meta_path
     return written
+
+
+def configured_path(value) -> Path | None:
+    """A path parameter as the user set it, or None when unset. Slicer's parameter node turns an empty
+    path into ``Path("")``, which prints as ``"."``: neither may ever mean "the current folder"."""
+    text = str(value).strip() if value is not None else ""
+    return None if text in ("", ".") else Path(text)
+
+
+def can_add_case(ct_node, seg_node, dataset_dir) -> bool:
+    """Whether "Add this case" can run: a CT with voxels, a segmentation, and a dataset folder chosen."""
+    return bool(ct_node is not None and ct_node.GetImageData() is not None and seg_node is not None
+                and configured_path(dataset_dir) is not None)
 
 
 def next_case_id(dataset_dir: str | os.PathLike, prefix: str = "case") -> str:

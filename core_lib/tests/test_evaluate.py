@@ -69,7 +69,8 @@ def test_evaluate_cli_writes_csv_and_json(dataset, model_dir, tmp_path, capsys):
     events = [parse_event(line) for line in capsys.readouterr().out.splitlines()]
     assert all(events) and events[-1]["event"] == "done" and events[-1]["cases"] == 2
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0]) == ["case", "label", "value", "dice", "hd95", "precision", "recall", "truth_voxels", "pred_voxels"]
+    assert list(rows[0]) == ["case", "label", "value", "dice", "hd95", "precision", "recall", "nsd", "truth_voxels",
+                             "pred_voxels"]
     per_case = [r for r in rows if r["case"] != "mean"]
     assert {(r["case"], r["label"]) for r in per_case} == {(c, n["name"]) for c in ("case_0001", "case_0003") for n in LABELS}
     assert [r["label"] for r in rows if r["case"] == "mean"] == ["lesion", "liver", "kidney", "all"]
@@ -88,6 +89,73 @@ def test_evaluate_cli_writes_csv_and_json(dataset, model_dir, tmp_path, capsys):
     means = [float(r["dice"]) for r in per_case if r["label"] == "liver" and r["dice"]]
     assert float(next(r for r in rows if r["case"] == "mean" and r["label"] == "liver")["dice"]) == pytest.approx(
         np.mean(means), rel=1e-4)
+
+
+def test_nsd_known_values():
+    truth = np.zeros((12, 24, 24), np.uint8)
+    truth[2:10, 4:16, 4:16] = 1
+    same = class_metrics(truth, truth, [1], spacing_xyz=(1.0, 1.0, 1.0))
+    assert same[1]["nsd"] == pytest.approx(1.0)
+    shifted = np.zeros_like(truth)
+    shifted[2:10, 4:16, 7:19] = 1  # moved 3 voxels along x
+    loose = class_metrics(shifted, truth, [1], spacing_xyz=(1.0, 1.0, 1.0), nsd_tolerance_mm=3.5)
+    tight = class_metrics(shifted, truth, [1], spacing_xyz=(1.0, 1.0, 1.0), nsd_tolerance_mm=1.0)
+    assert loose[1]["nsd"] == pytest.approx(1.0) and 0.0 < tight[1]["nsd"] < 1.0
+    # the tolerance is in mm: 3 voxels of 0.5 mm lie within 1.6 mm
+    assert class_metrics(shifted, truth, [1], spacing_xyz=(0.5, 1.0, 1.0), nsd_tolerance_mm=1.6)[1]["nsd"] == pytest.approx(1.0)
+    from monai.metrics import compute_surface_dice
+    import torch
+
+    ref = compute_surface_dice(torch.from_numpy(shifted == 1)[None, None], torch.from_numpy(truth == 1)[None, None],
+                               class_thresholds=[1.0], include_background=True, spacing=[1.0, 1.0, 1.0])
+    assert tight[1]["nsd"] == pytest.approx(float(ref[0, 0]))
+
+
+def test_lesions_by_size_stratum():
+    from dinomed.finetune.metrics import lesion_metrics, size_stratum, summarize_strata
+
+    spacing = (2.0, 2.0, 2.0)  # 8 mm^3 = 0.008 ml a voxel
+    truth = np.zeros((40, 60, 60), np.uint8)
+    truth[2:4, 2:4, 2:4] = 1  # 8 voxels = 0.064 ml: small
+    truth[10:16, 10:16, 10:16] = 1  # 216 voxels = 1.728 ml: medium
+    truth[20:36, 30:56, 30:56] = 1  # 16*26*26 voxels = 86.5 ml: large
+    pred = np.zeros_like(truth)
+    pred[10:16, 10:16, 10:13] = 1  # half of the medium lesion
+    pred[20:36, 30:56, 30:56] = 1  # all of the large one
+    pred[30:32, 2:4, 2:4] = 1  # a small false positive
+    result = lesion_metrics(pred, truth, 1, spacing)
+    rows = sorted(result["lesions"], key=lambda r: r["volume_ml"])
+    assert [r["stratum"] for r in rows] == ["small", "medium", "large"]
+    assert [r["detected"] for r in rows] == [False, True, True]
+    assert rows[0]["dice"] == 0.0 and rows[1]["dice"] == pytest.approx(2 * 108 / (216 + 108)) and rows[2]["dice"] == 1.0
+    assert rows[1]["volume_ml"] == pytest.approx(1.728)
+    assert result["false_positives"] == {"small": 1, "medium": 0, "large": 0}
+    strata = summarize_strata({"a": result}, "lesion")
+    assert strata["small"]["sensitivity"] == 0.0 and strata["large"]["sensitivity"] == 1.0
+    assert size_stratum(5.0, (2.0, 4.0)) == "large" and size_stratum(0.5) == "small"
+
+
+def test_evaluate_nsd_and_strata_options(dataset, model_dir, tmp_path):
+    from dinomed.cli import main
+
+    out = tmp_path / "m.csv"
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(dataset), "--out", str(out),
+                 "--nsd-tolerance-mm", "2", "--size-thresholds-ml", "0.5,5", "--lesion-labels", "lesion"]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["settings"]["nsd_tolerance_mm"] == 2.0 and report["settings"]["size_thresholds_ml"] == [0.5, 5.0]
+    lesion_rows = list(csv.DictReader((tmp_path / "m.lesions.csv").open()))
+    assert lesion_rows and {r["stratum"] for r in lesion_rows} <= {"small", "medium", "large"}
+    for r in lesion_rows:  # each row's stratum follows the thresholds asked for
+        v = float(r["volume_ml"])
+        assert r["stratum"] == ("small" if v < 0.5 else "large" if v >= 5 else "medium")
+    strata = list(csv.DictReader((tmp_path / "m.strata.csv").open()))
+    assert [r["stratum"] for r in strata] == ["small", "medium", "large"]
+    assert sum(int(r["lesions"]) for r in strata) == len(lesion_rows)
+    assert report["strata"]["lesion"]["small"]["lesions"] == int(strata[0]["lesions"])
+    with pytest.raises(DinomedError, match="two increasing volumes"):
+        from dinomed.finetune.evaluate import evaluate_model
+
+        evaluate_model(model_dir, dataset, tmp_path / "x.csv", size_thresholds_ml=[5, 1])
 
 
 def test_evaluate_heldout_cases_and_errors(dataset, model_dir, tmp_path):

@@ -55,8 +55,8 @@ def test_config_recipe_overrides_and_unknown_keys(tmp_path):
     cfg = tiny("optim.lr=3e-4", "data.patch_size=[32,32]", "model.backbone_checkpoint=/ckpt/ct.pth", "name=x")
     assert cfg["optim"]["lr"] == pytest.approx(3e-4)
     assert cfg["data"]["patch_size"] == [32, 32]
-    assert cfg["model"] == {"name": "meddinov3", "backbone": "vit_tiny", "decoder_channels": [32, 32, 16, 16],
-                            "backbone_checkpoint": "/ckpt/ct.pth"}
+    assert cfg["model"] == {"name": "meddinov3", "backbone": "vit_tiny", "decoder": "progressive",
+                            "decoder_channels": [32, 32, 16, 16], "backbone_checkpoint": "/ckpt/ct.pth"}
     assert cfg["train"]["batch_size"] == 4  # from the recipe
     assert cfg["optim"]["weight_decay"] == 0.05  # from the defaults
     with pytest.raises(DinomedError, match="unknown config key 'optim.learning_rate'"):
@@ -71,6 +71,28 @@ def test_config_recipe_overrides_and_unknown_keys(tmp_path):
     assert cfg["train"]["max_steps"] == 7 and cfg["model"]["backbone"] == "vit_tiny"
     with pytest.raises(DinomedError, match="no such config file"):
         load_config("no_such_recipe")
+
+
+def test_config_preprocessing_and_schedule_keys():
+    cfg = tiny("preprocessing.target_spacing=[1.5,1.5,3]", "preprocessing.input_scale=2")
+    assert cfg["preprocessing"] == {"channels": None, "target_spacing": [1.5, 1.5, 3], "input_scale": 2}
+    spec = [{"modality": "CT", "kind": "window", "low": -1000, "high": 1000}]
+    assert load_config("tiny_meddinov3", {"preprocessing": spec})["preprocessing"]["channels"] == spec  # the earlier form
+    with pytest.raises(DinomedError, match="preprocessing.target_spacing"):
+        tiny("preprocessing.target_spacing=[1,1]")
+    with pytest.raises(DinomedError, match="preprocessing.input_scale"):
+        tiny("preprocessing.input_scale=0")
+    with pytest.raises(DinomedError, match="optim.schedule"):
+        tiny("optim.schedule=step")
+
+
+def test_lr_schedules():
+    from dinomed.finetune.trainer import lr_factor
+
+    linear = lr_factor("linear", 0, 100, 0.01)
+    assert [linear(s) for s in (0, 50, 100)] == [1.0, 0.5, 0.0]  # MedDINOv3: poly 1.0 from the first step
+    plateau = lr_factor("plateau", 4, 100, 0.01)
+    assert [plateau(s) for s in (0, 3, 4, 99)] == [0.25, 1.0, 1.0, 1.0]  # the plateau scheduler owns the rest
 
 
 def test_every_bundled_recipe_loads():

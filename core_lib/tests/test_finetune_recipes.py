@@ -21,15 +21,15 @@ RUN = ["train.max_steps=2", "train.val_every=2", "train.batch_size=2", "optim.wa
 TINY_2D = ["model.backbone=vit_tiny", "data.patch_size=[32,32]"]
 TINY_3D = ["model.backbone=vit_tiny", "data.patch_size=[8,32,32]", "inference.roi_size=[8,32,32]"]
 SHRINK = {
-    "meddinov3": TINY_2D + ["model.decoder_channels=[16,16,16,16]", "model.layers=null"],
+    "meddinov3": TINY_2D + ["model.layers=null"],
     "linear_probe": TINY_2D,
     "dual_petct": TINY_2D + ["model.decoder_channels=[16,16,16,16]"],
     "demo": ["data.patch_size=[32,32]"],
     "tiny_meddinov3": ["data.patch_size=[32,32]"],
     "slicewise3d": TINY_3D + ["model.decoder_channels=[16,16,16,16]", "model.skip_channels=[8,8,8,8]"],
     "dinomed3d_stage1": TINY_3D + ["model.proxy_hidden=32"],
-    "dinomed3d_stage2": TINY_3D + ["model.adapter_channels=[32,32,32,32]", "model.decoder_channels=32",
-                                   "model.detail_channels=[8,16,32]", "model.lora_rank=4"],
+    "dinomed3d_stage2": TINY_3D + ["model.adapter_channels=32", "model.decoder_channels=32",
+                                   "model.detail_channels=[8,16,32]", "model.refine_channels=[16,8]", "model.lora_rank=4"],
 }
 
 
@@ -53,6 +53,24 @@ def test_the_seed_recipes_are_bundled():
     assert set(SHRINK) <= {p.stem for p in CONFIG_DIR.glob("*.yaml")}
 
 
+def test_recipes_carry_the_published_settings():
+    s1, s2 = load_config("dinomed3d_stage1"), load_config("dinomed3d_stage2")
+    for cfg in (s1, s2):  # DINO-Med3D official: 0.2 CE + 0.8 Dice, ReduceLROnPlateau, no warm-up, clip 1
+        assert (cfg["loss"]["lambda_ce"], cfg["loss"]["lambda_dice"]) == (0.2, 0.8)
+        assert cfg["optim"]["schedule"] == "plateau" and cfg["optim"]["warmup_steps"] == 0
+    assert s1["optim"]["lr"] == 1e-5 and s2["optim"]["lr"] == 1e-4
+    assert (s1["optim"]["plateau_patience"], s2["optim"]["plateau_patience"]) == (5, 8)
+    assert s2["data"]["patch_size"][0] == 16 and s2["train"]["batch_size"] == 1
+    assert (s2["model"]["lora_rank"], s2["model"]["lora_alpha"], s2["model"]["lora_dropout"]) == (16, 16, 0.1)
+    med = load_config("meddinov3")
+    assert med["model"]["drop_path_rate"] == 0.2 and med["model"]["decoder"] == "patch_decode"
+    assert med["optim"]["schedule"] == "linear" and med["optim"]["warmup_steps"] == 0
+    assert med["optim"]["lr"] * med["optim"]["backbone_lr_scale"] == pytest.approx(3e-5)
+    assert med["preprocessing"]["input_scale"] == 1.75 and med["data"]["patch_size"] == [896, 896]
+    sw = load_config("slicewise3d")
+    assert sw["optim"]["lr"] == 1e-4 and sw["model"]["input_skips"] is False
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["meddinov3", "linear_probe", "slicewise3d", "demo"])
 def test_recipe_trains(name, dataset, tmp_path):
@@ -63,6 +81,8 @@ def test_recipe_trains(name, dataset, tmp_path):
     model, mj = load_model_folder(tmp_path / name)
     assert mj["architecture"]["name"] == load_config(name)["model"]["name"]
     assert mj["inference"]["mode"] == ("sliding3d" if name == "slicewise3d" else "slicewise2d")
+    if name == "meddinov3":  # trained at the high-resolution input scale, recorded for dinomed segment
+        assert mj["preprocessing"]["input_scale"] == 1.75 and mj["preprocessing"]["target_spacing"] is None
     if name in ("linear_probe", "slicewise3d"):  # frozen baselines: the backbone did not move
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert trainable and not any("backbone" in n for n in trainable)
@@ -80,8 +100,8 @@ def test_dinomed3d_stage2_starts_from_stage1(dataset, tmp_path):
                  "train.val_every=1")
     finetune(cfg, dataset, tmp_path / "stage2")
     s2 = load_file(str(tmp_path / "stage2" / "model.safetensors"))
-    assert torch.equal(s2["ice.conv.weight"] if "ice.conv.weight" in s2 else next(v for k, v in s2.items() if k.startswith("ice.")),
-                       s1["ice.conv.weight"] if "ice.conv.weight" in s1 else next(v for k, v in s1.items() if k.startswith("ice.")))
+    # the ICE (the K-channel patch embedding) is carried over, LoRA-wrapped
+    assert torch.equal(s2["backbone.patch_embed.proj.base_layer.weight"], s1["backbone.patch_embed.proj.weight"])
     # a LoRA-wrapped block keeps the stage-I weight as its frozen base layer
     base = [k for k in s2 if k.startswith("backbone.blocks.0.attn.qkv") and "base_layer.weight" in k]
     assert base and torch.equal(s2[base[0]], s1["backbone.blocks.0.attn.qkv.weight"])

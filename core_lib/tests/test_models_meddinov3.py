@@ -1,13 +1,70 @@
-"""MedDINOv3 (2D): multi-scale token aggregation, logits at the input's resolution, which parameters train."""
+"""MedDINOv3 (2D): multi-scale token aggregation, the official PatchDecode, logits at the input's resolution, which
+parameters train; the earlier progressive decoder as a named option, and old model folders still load."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dinomed.backbones import extract_features
-from dinomed.models import build_model
+from dinomed.models import build_model, load_model_folder, model_json_template, resolve_config, save_model_folder
+from dinomed.models.meddinov3 import PatchDecode
+from dinomed.models.registry import upgrade_model_json
 
-CFG = {"name": "meddinov3", "backbone": "vit_tiny", "in_chans": 2, "num_classes": 3, "decoder_channels": [32, 32, 16, 16]}
+CFG = {"name": "meddinov3", "backbone": "vit_tiny", "in_chans": 2, "num_classes": 3}
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_patch_decode_is_the_official_decoder():
+    model = build_model(CFG)
+    dec = model.decoder
+    assert isinstance(dec, PatchDecode)
+    assert dec.channels == [256, 128, 64, 32, 16]  # 4 x 64 concatenated, halving four times
+    for stage in dec.stages:
+        up, norm, act = stage
+        assert isinstance(up, torch.nn.ConvTranspose2d) and up.kernel_size == (2, 2) and up.stride == (2, 2)
+        assert norm.normalized_shape == (up.out_channels,) and isinstance(act, torch.nn.GELU)
+    assert dec.classifier.kernel_size == (1, 1) and dec.classifier.in_channels == 16
+    with torch.device("meta"):
+        vitb = build_model({**CFG, "backbone": "vit_base", "in_chans": 1, "num_classes": 2}, load_checkpoints=False)
+    assert vitb.decoder.channels == [3072, 1536, 768, 384, 192]
+    n = sum(p.numel() for p in vitb.decoder.parameters())
+    assert abs(n / 1e6 - 25.1) < 0.05  # the issue's figure for the official PatchDecode at ViT-B
+
+
+def test_one_training_step_and_save_load(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(CFG)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(2, 2, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    before = model.decoder.classifier.weight.detach().clone()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert not torch.equal(before, model.decoder.classifier.weight)
+    model.eval()
+    loaded, mj = load_model_folder(save_model_folder(model, model_json_template(model), tmp_path / "m"))
+    assert mj["architecture"]["decoder"] == "patch_decode"
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_progressive_decoder_is_a_named_option_and_old_model_json_loads_as_it():
+    model = build_model({**CFG, "decoder": "progressive", "decoder_channels": [32, 32, 16, 16]})
+    assert model(torch.randn(1, 2, 40, 56)).shape == (1, 3, 40, 56)
+    old = {"backbone": "vit_tiny", "in_chans": 1, "num_classes": 8, "layers": None, "decoder_channels": [64, 48, 32, 32],
+           "drop_path_rate": 0.0, "freeze_backbone": False, "high_res": False, "name": "meddinov3"}
+    upgraded = upgrade_model_json({"architecture": old})["architecture"]
+    assert upgraded["decoder"] == "progressive" and "high_res" not in upgraded
+    assert resolve_config(upgraded)["decoder"] == "progressive"
+    assert resolve_config({**CFG, "decoder_channels": [8, 8, 8, 8]})["decoder"] == "patch_decode"  # a new config: today's default
+    for folder in ("demo", "demo_ct_organs"):  # the bundled models were trained before the change
+        path = REPO / "Resources" / "Models" / folder
+        assert "decoder" not in json.loads((path / "model.json").read_text())["architecture"]
+        bundled, _ = load_model_folder(path)
+        assert bundled.arch_config["decoder"] == "progressive"
 
 
 @pytest.mark.parametrize("size", [(40, 56), (64, 64), (17, 33)])
@@ -39,6 +96,7 @@ def _grads(model):
 def test_full_finetuning_reaches_backbone_and_decoder():
     got = _grads(build_model(CFG))
     assert got["backbone.blocks.0.attn.qkv.weight"] and got["decoder.classifier.weight"]
+    assert got["decoder.stages.0.0.weight"]
     assert got["backbone.patch_embed.proj.weight"]
 
 

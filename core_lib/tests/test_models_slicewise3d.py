@@ -63,3 +63,56 @@ def test_save_load_identical(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
     assert all(not p.requires_grad for p in loaded.encoder.backbone.parameters())
+
+
+def test_default_decoder_sees_the_frozen_features_alone():
+    """The benchmark's baseline measures frozen DINOv3 features: no trainable path from the raw image by default
+    (the frozen encoder runs without autograd, so the image gets no gradient); input_skips is the named option."""
+    model = build_model(CFG)
+    assert not hasattr(model.decoder, "skips") and len(model.decoder.feature_skips) == 3
+    x = torch.randn(1, 2, 3, 32, 32, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is None
+    with_cnn = build_model({**CFG, "input_skips": True})
+    y = torch.randn(1, 2, 3, 32, 32, requires_grad=True)
+    with_cnn(y).sum().backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0
+
+
+def test_feature_skips_come_from_the_earlier_blocks_deepest_first():
+    model = build_model(CFG).eval()
+    seen = []
+    for i, proj in enumerate(model.decoder.feature_skips):
+        proj.register_forward_hook(lambda m, inp, out, i=i: seen.append((i, inp[0])))
+    vol = torch.randn(1, 2, 3, 32, 32)
+    with torch.no_grad():
+        model(vol)
+        per_block = extract_features(model.encoder.backbone, vol[0].permute(1, 0, 2, 3), layers=model.encoder.layers).patches
+    assert [i for i, _ in seen] == [0, 1, 2]
+    for i, got in seen:  # stage 0 (1/8) ← block layers[2], stage 1 ← layers[1], stage 2 ← layers[0]
+        torch.testing.assert_close(got[0].permute(1, 0, 2, 3), per_block[2 - i])
+
+
+def test_old_model_json_is_read_with_input_skips():
+    from dinomed.models import resolve_config
+    from dinomed.models.registry import upgrade_model_json
+
+    old = {k: v for k, v in resolve_config(CFG).items() if k != "input_skips"}  # as an earlier dinomed wrote it
+    assert upgrade_model_json({"architecture": old})["architecture"]["input_skips"] is True
+    assert resolve_config(CFG)["input_skips"] is False
+
+
+def test_one_training_step_moves_the_decoder_only():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = build_model(CFG)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)  # the paper's lr
+    x, y = torch.randn(1, 2, 3, 32, 32), torch.randint(0, 3, (1, 3, 32, 32))
+    model.train()
+    F.cross_entropy(model(x), y).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    opt.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.startswith("decoder.") for n in moved)

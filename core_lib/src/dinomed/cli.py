@@ -6,6 +6,8 @@ imports (torch, SimpleITK) happen inside those functions so that ``dinomed --hel
 
 A :class:`~dinomed.errors.DinomedError` is printed as one line ``dinomed <cmd>: error: …`` (and as an
 ``error`` event with ``--events``) and the command exits with status 2; no traceback for bad input.
+``dinomed finetune|pretrain`` exit with status 3 (:data:`~dinomed.errors.EXIT_STOPPED`) when they stopped before
+their end with a checkpoint saved (SIGTERM/SIGINT, or ``train.stop_after``); ``--resume`` continues them.
 """
 from __future__ import annotations
 
@@ -29,8 +31,11 @@ COMMAND_MODULES = (
     "evaluate",
     "pretrain",
     "export_backbone",
+    "check_data",
+    "recipes",
     "info",
     "demo",
+    "classify",
 )
 
 
@@ -60,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dinomed",
         description="DINOv3 foundation models for PET/CT and CT segmentation (the core of the DINOSeg Slicer extension).",
+        epilog="Exit status: 0 done; 2 bad input (one line 'dinomed <cmd>: error: …' on stderr); 3 finetune/pretrain "
+        "stopped on request (SIGTERM or SIGINT) or at train.stop_after, with a checkpoint saved: continue with --resume.",
     )
     parser.add_argument("--version", action="version", version=f"dinomed {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages to stderr")
@@ -78,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for a relaunch under torchrun
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -12,3 +12,11 @@ class CheckpointError(DinomedError):
 
 class InputImageError(DinomedError):
     """An image that is not what the operation needs (dimensionality, NaNs, geometry, channels)."""
+
+
+# Exit statuses of ``dinomed`` commands (documented in ``dinomed --help`` and the README):
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2  # a DinomedError: one line ``dinomed <cmd>: error: …`` on stderr (and an ``error`` event)
+# ``dinomed finetune|pretrain`` stopped before their end with a checkpoint saved: asked to stop (SIGTERM or SIGINT:
+# saved at the next step, on every rank at the same step) or train.stop_after reached; ``--resume`` continues
+EXIT_STOPPED = 3

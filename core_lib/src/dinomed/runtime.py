@@ -6,6 +6,10 @@ and ``train.device: auto`` mean the same everywhere.
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -69,3 +73,91 @@ def init_distributed(device_request: str | None = "auto") -> tuple[DistInfo, tor
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         here = True
     return DistInfo(rank, world, local_rank, here), device
+
+
+class StopRequest:
+    """SIGTERM and SIGINT ask a training loop to stop at its next step, with a checkpoint saved.
+
+    What a GUI's Stop, torchrun's agent (which forwards the signal it gets to every rank) and cluster schedulers
+    (SLURM sends SIGTERM before the time limit) send. The loop reads :attr:`requested` after each step; under
+    DDP the ranks agree on it with :func:`agree` so that they all stop at the same step. A second signal more
+    than ``repeat_window_s`` after the first interrupts at once (KeyboardInterrupt): a terminal's Ctrl-C reaches
+    a rank both directly and through torchrun's agent, and those two count as one request.
+    """
+
+    def __init__(self, repeat_window_s: float = 2.0):
+        self.requested = False
+        self.signal_name: str | None = None
+        self.repeat_window_s = repeat_window_s
+        self._first_at = 0.0
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.requested:
+            if now - self._first_at > self.repeat_window_s:
+                raise KeyboardInterrupt
+            return
+        self.requested = True
+        self._first_at = now
+        self.signal_name = signal.Signals(signum).name
+        print(f"dinomed: {self.signal_name} received: stopping at the next step (checkpoint saved); "
+              "send it again to interrupt at once", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def agree(self, dist_info: "DistInfo", device: torch.device | None = None) -> bool:
+        """True on every rank when any rank was asked to stop (one all-reduce under DDP)."""
+        if dist_info.world_size <= 1:
+            return self.requested
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device if device is not None else "cpu")
+        dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+
+def torchrun_argv(nproc_per_node: int, dinomed_args: list[str], python: str | None = None) -> list[str]:
+    """The command line that runs ``dinomed <args>`` on ``nproc_per_node`` processes of this machine through
+    torchrun (``python -m torch.distributed.run --standalone``), as :func:`init_distributed` expects."""
+    if int(nproc_per_node) < 1:
+        raise DinomedError(f"--nproc-per-node {nproc_per_node}: expected a positive number of processes")
+    return [python or sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={int(nproc_per_node)}", "-m", "dinomed", *dinomed_args]
+
+
+def relaunch_under_torchrun(nproc_per_node: int | None, argv: list[str]) -> None:
+    """``dinomed finetune|pretrain --nproc-per-node N``: replace this process by torchrun running the same command
+    (without the option) on N processes. Does nothing when N is 1 or None, or when already under torchrun.
+
+    ``exec`` keeps the process id, so whoever started ``dinomed`` signals torchrun's agent, which forwards SIGTERM
+    to every rank (each saves at the same step and exits). torchrun's own exit status is 1 when its ranks exit
+    with :data:`~dinomed.errors.EXIT_STOPPED`; rank 0's final ``done`` event (``stopped: true``) says what happened.
+    """
+    if not nproc_per_node or int(nproc_per_node) <= 1 or "WORLD_SIZE" in os.environ:
+        return
+    args = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc-per-node":
+            skip = True
+            continue
+        if arg.startswith("--nproc-per-node="):
+            continue
+        args.append(arg)
+    command = torchrun_argv(int(nproc_per_node), args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)

@@ -1,4 +1,5 @@
-"""``dinomed evaluate``: score a model folder on a labeled dataset (per case and class Dice, HD95, precision, recall)."""
+"""``dinomed evaluate``: score a model folder on a labeled dataset (per case and class Dice, HD95, precision, recall,
+NSD; per lesion by size stratum)."""
 from __future__ import annotations
 
 
@@ -9,7 +10,10 @@ def register(subparsers) -> None:
         description="Segment every case of DATASET_DIR (nnU-Net raw layout) with the model, as dinomed segment does, "
         "and compare with labelsTr/ (labels matched by name; dataset labels the model does not know count as "
         "background). Writes METRICS.csv (one row per case and label, then per-label means and the overall mean; "
-        "HD95 in mm; empty cells where a metric is undefined) and METRICS.json beside it.",
+        "HD95 in mm; NSD = normalised surface Dice at --nsd-tolerance-mm; empty cells where a metric is undefined) and "
+        "METRICS.json beside it. For the lesion labels (flagged lesion: true in model.json, or --lesion-labels): "
+        "METRICS.lesions.csv (one row per reference lesion: volume, size stratum, detected, Dice) and "
+        "METRICS.strata.csv (per stratum: lesions, detected, sensitivity, mean lesion Dice, false positives).",
     )
     p.add_argument("--model", required=True, metavar="MODEL_DIR", help="model folder (model.json + model.safetensors)")
     p.add_argument("--data", required=True, metavar="DATASET_DIR", help="labeled dataset folder (nnU-Net raw layout)")
@@ -17,6 +21,13 @@ def register(subparsers) -> None:
     p.add_argument("--cases", default="all",
                    help="all (default), heldout (the model's validation cases from its provenance), or NAME,NAME,…")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("--nsd-tolerance-mm", type=float, default=1.0, metavar="MM",
+                   help="NSD tolerance in mm (default 1.0, the official MedDINOv3 evaluation's)")
+    p.add_argument("--size-thresholds-ml", default="1,10", metavar="SMALL,LARGE",
+                   help="lesion volume thresholds in ml: small < SMALL <= medium < LARGE <= large (default 1,10: ours; "
+                   "the Dual-DINOv3 text we build from reports by tumour size without giving thresholds)")
+    p.add_argument("--lesion-labels", default=None, metavar="NAME,NAME",
+                   help="labels scored per lesion (default: those flagged lesion: true in model.json)")
     p.add_argument("--events", action="store_true", help="JSON-lines events on stdout (progress, metric, artifact, done)")
     p.set_defaults(func=run)
 
@@ -25,8 +36,17 @@ def run(args) -> int:
     from ..events import EventWriter
     from ..finetune.evaluate import evaluate_model
 
+    from ..errors import DinomedError
+
     events = EventWriter(enabled=args.events)
-    report = evaluate_model(args.model, args.data, args.out, cases=args.cases, device=args.device, events=events)
+    try:
+        thresholds = [float(v) for v in args.size_thresholds_ml.split(",")]
+    except ValueError:
+        raise DinomedError(f"--size-thresholds-ml: expected two volumes in ml such as 1,10, found {args.size_thresholds_ml!r}") from None
+    lesion_labels = [n.strip() for n in args.lesion_labels.split(",") if n.strip()] if args.lesion_labels else None
+    report = evaluate_model(args.model, args.data, args.out, cases=args.cases, device=args.device, events=events,
+                            nsd_tolerance_mm=args.nsd_tolerance_mm, size_thresholds_ml=thresholds,
+                            lesion_labels=lesion_labels)
     mean = report["mean"]
     events.metric(phase="evaluate", cases=len(report["cases"]),
                   **{k: v for k, v in mean.items() if v is not None})

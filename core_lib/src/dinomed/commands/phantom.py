@@ -29,6 +29,12 @@ def register(subparsers) -> None:
     p.add_argument("--dicom", action="store_true", help="also write the CT and PET as DICOM series (single case)")
     p.add_argument("--cases", type=int, default=None, help="write an nnU-Net dataset of this many cases instead")
     p.add_argument("--lesions", type=int, default=None, help="lesions per case (default: 1-8 from the seed)")
+    p.add_argument("--lesion-free", type=float, default=0.0, metavar="FRACTION",
+                   help="with --cases: draw about this fraction of the cases without lesions (default 0; the other "
+                        "cases are unchanged), for a classification task")
+    p.add_argument("--classification-csv", action="store_true",
+                   help="with --cases: also write classification.csv (case, patient, lesion, liver_lesion, contrast, "
+                        "lung_in_view, liver_in_view: 0/1 labels of what each phantom contains), the labels table of dinomed classify")
     p.add_argument("--oblique", action="store_true", help="tilt the CT and PET grids by a few degrees")
     p.add_argument("--events", action="store_true", help="write JSON-lines events on stdout")
     p.set_defaults(func=run)
@@ -42,6 +48,10 @@ def run(args) -> int:
     from ..synthetic import make_phantom, write_nnunet_dataset, write_phantom_case
 
     events = EventWriter(enabled=args.events)
+    if args.cases is None and (args.lesion_free or args.classification_csv):
+        raise DinomedError("--lesion-free and --classification-csv describe a dataset; add --cases N")
+    if not 0.0 <= args.lesion_free <= 1.0:
+        raise DinomedError(f"--lesion-free must be a fraction between 0 and 1, got {args.lesion_free}")
     if args.cases is not None:
         if args.cases < 1:
             raise DinomedError(f"--cases must be at least 1, got {args.cases}")
@@ -49,7 +59,8 @@ def run(args) -> int:
             raise DinomedError("--dicom writes one case; leave it out with --cases (the dataset is NIfTI)")
         start = time.perf_counter()
         path = write_nnunet_dataset(args.out, range(args.seed, args.seed + args.cases), shape=args.shape,
-                                    progress=events.progress, n_lesions=args.lesions, oblique=args.oblique)
+                                    progress=events.progress, n_lesions=args.lesions, oblique=args.oblique,
+                                    lesion_free_fraction=args.lesion_free, classification_csv=args.classification_csv)
         events.log(f"{args.cases} cases in {time.perf_counter() - start:.1f} s")
         events.artifact("dataset", str(path))
         events.done()

@@ -52,6 +52,13 @@ def encoder_from_model(model, stream: str | None = None):
     The attribute may wrap the ViT (LoRA, adapters): the first timm ViT inside it is returned.
     """
     name = type(model).__name__
+    slab = int(getattr(model, "ice_k", 1) or 1)
+    if slab > 1:
+        # DINO-Med3D's inter-slice context embedding: its patch embedding reads a K-slice slab, not one slice
+        raise DinomedError(
+            f"{name}: the encoder embeds {slab} neighbouring slices at once (DINO-Med3D's inter-slice context "
+            "embedding); feature maps of this encoder are not supported"
+        )
     dual = hasattr(model, "ct_encoder") and hasattr(model, "pet_encoder")
     if dual:
         if stream is None or stream.upper() not in ("CT", "PET"):

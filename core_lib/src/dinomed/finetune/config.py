@@ -23,6 +23,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "finetune"
 
 DEFAULTS: dict[str, Any] = {
     "name": "finetuned-model",
+    "description": "",  # one line shown by `dinomed recipes` and the DINOPretrain module's recipe list
     # the ``architecture`` of model.json; ``in_chans`` and ``num_classes`` are filled in from inputs and labels
     "model": {},
     # a model folder whose weights initialise the model (e.g. DINO-Med3D stage II from the best stage-I model)
@@ -33,8 +34,18 @@ DEFAULTS: dict[str, Any] = {
     "labels": None,
     # dataset labels folded into background (named explicitly, so that an unexpected label value is an error)
     "background_labels": [],
-    # model.json preprocessing.channels (one spec per input); null: dinomed.preprocess defaults (CT window, PET log1p SUV)
-    "preprocessing": None,
+    # model.json preprocessing, applied in training and recorded for `dinomed segment`:
+    "preprocessing": {
+        # one spec per input; null: dinomed.preprocess defaults (CT window, PET log1p SUV). (A list given directly
+        # as `preprocessing:` is read as these channel specs, the earlier form.)
+        "channels": None,
+        # resample every case to this voxel spacing [x, y, z] mm before training (null: each case's own grid);
+        # dinomed segment resamples the input to it and puts the labels back onto the CT grid
+        "target_spacing": None,
+        # high-resolution input (MedDINOv3's main lever, sec. 4: slices at 896^2 by rescaling the spacing): the
+        # in-plane spacing (target or native) is divided by this factor, so a 512^2 slice is seen at 512*scale
+        "input_scale": 1.0,
+    },
     "data": {
         "patch_size": [128, 128],  # 2D models: [H, W] axial patches; 3D models: [D, H, W]
         "pos": 2.0,  # foreground : background ratio of patch centres (RandCropByPosNegLabeld)
@@ -59,6 +70,12 @@ DEFAULTS: dict[str, Any] = {
     # Dice (false) makes a DDP run exactly equal to a single-process run with the same global batch
     "loss": {"lambda_dice": 1.0, "lambda_ce": 1.0, "batch_dice": True},
     "optim": {
+        # cosine: linear warm-up then cosine to min_lr_ratio; linear: warm-up then linear decay to 0 (poly 1.0, the
+        # MedDINOv3 official trainer); plateau: warm-up then the lr halves (plateau_factor) when the held-out Dice
+        # has not improved for plateau_patience validations (ReduceLROnPlateau, the DINO-Med3D official trainer)
+        "schedule": "cosine",
+        "plateau_factor": 0.5,
+        "plateau_patience": 5,
         "lr": 1e-4,  # new layers (decoder, fusion, adapters)
         "backbone_lr_scale": 0.1,  # pretrained encoder parameters get lr * this
         "backbone_patterns": ["backbone", "encoder", "patch_embed"],  # parameter-name parts marking the encoder
@@ -88,9 +105,20 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+def _sections(data: dict) -> dict:
+    """Earlier forms read as today's: ``preprocessing: [channel specs]`` is ``preprocessing: {channels: [...]}``."""
+    if isinstance(data.get("preprocessing"), list):
+        data = dict(data, preprocessing={"channels": data["preprocessing"]})
+    elif "preprocessing" in data and data["preprocessing"] is None:
+        data = {k: v for k, v in data.items() if k != "preprocessing"}
+    return data
+
+
 def _merge(base: dict, update: dict, where: str = "") -> dict:
     """Recursive dict update; a key unknown to ``base`` is an error except inside free-form sections."""
     out = copy.deepcopy(base)
+    if not where:
+        update = _sections(update)
     for key, value in update.items():
         path = f"{where}{key}"
         if key not in out and where.split(".")[0] not in FREE_FORM and path not in FREE_FORM:
@@ -235,6 +263,15 @@ def check_config(cfg: dict) -> None:
     for key in ("lr", "backbone_lr_scale", "weight_decay", "min_lr_ratio"):
         if not isinstance(optim[key], (int, float)) or optim[key] < 0:
             raise DinomedError(f"config optim.{key}: expected a non-negative number, found {optim[key]!r}")
+    if optim["schedule"] not in ("cosine", "linear", "plateau"):
+        raise DinomedError(f"config optim.schedule: expected cosine, linear or plateau, found {optim['schedule']!r}")
+    pre = cfg["preprocessing"]
+    if pre["target_spacing"] is not None:
+        ts = pre["target_spacing"]
+        if not isinstance(ts, list) or len(ts) != 3 or not all(isinstance(v, (int, float)) and v > 0 for v in ts):
+            raise DinomedError(f"config preprocessing.target_spacing: expected [x, y, z] positive millimetres, found {ts!r}")
+    if not isinstance(pre["input_scale"], (int, float)) or isinstance(pre["input_scale"], bool) or pre["input_scale"] <= 0:
+        raise DinomedError(f"config preprocessing.input_scale: expected a positive factor, found {pre['input_scale']!r}")
     if not isinstance(optim["warmup_steps"], int) or optim["warmup_steps"] < 0:
         raise DinomedError(f"config optim.warmup_steps: expected a non-negative integer, found {optim['warmup_steps']!r}")
 

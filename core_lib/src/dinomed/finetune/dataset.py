@@ -300,25 +300,41 @@ def read_case_labels(spec: DatasetSpec, case: Case) -> np.ndarray:
     return spec.labels.apply(sitk.GetArrayFromImage(read_image(case.label)), f"case {case.name} ({case.label})")
 
 
-def load_case(spec: DatasetSpec, case: Case, channel_specs: list[dict]) -> CaseArrays:
-    """Read, check and normalise one case (``dinomed.preprocess.normalize_channels``, the model.json specs)."""
+def load_case(spec: DatasetSpec, case: Case, channel_specs: list[dict], preprocessing: dict | None = None) -> CaseArrays:
+    """Read, check and normalise one case (``dinomed.preprocess.normalize_channels``, the model.json specs), on the
+    model's grid when ``preprocessing`` names a ``target_spacing`` or an ``input_scale`` (images linear, labels
+    nearest neighbour: :func:`dinomed.inference.segment.model_grid`, the grid ``dinomed segment`` uses)."""
     import SimpleITK as sitk
 
+    from ..inference.segment import model_grid
     from ..io import read_image
     from ..preprocess import check_pet_is_suv, normalize_channels
 
     check_case_geometry(spec, case)
     label = read_case_labels(spec, case)
+    label_image = read_image(case.label)
+    grid = model_grid(label_image, preprocessing)
+    if grid is not None:
+        moved = sitk.GetImageFromArray(label)
+        moved.CopyInformation(label_image)
+        label = sitk.GetArrayFromImage(sitk.Resample(moved, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                                     sitk.sitkUInt8))
     arrays = []
     for modality, path in zip(spec.inputs, case.images):
-        array = sitk.GetArrayFromImage(read_image(path)).astype(np.float32)
+        image = read_image(path)
+        array = sitk.GetArrayFromImage(image).astype(np.float32)
         if modality.upper() == "PET":
             check_pet_is_suv(array, f"case {case.name} ({path})")
         if not np.isfinite(array).all():
             array = np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
+        if grid is not None:
+            finite = sitk.GetImageFromArray(array)
+            finite.CopyInformation(image)
+            array = sitk.GetArrayFromImage(sitk.Resample(finite, grid, sitk.Transform(), sitk.sitkLinear,
+                                                         -1000.0 if modality.upper() == "CT" else 0.0, sitk.sitkFloat32))
         arrays.append(array)
     image = normalize_channels(arrays, channel_specs)
-    spacing = tuple(float(s) for s in read_header(case.label).GetSpacing())
+    spacing = tuple(float(s) for s in (grid if grid is not None else label_image).GetSpacing())
     return CaseArrays(name=case.name, image=image, label=label, spacing=spacing)
 
 

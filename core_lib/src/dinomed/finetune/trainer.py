@@ -18,7 +18,6 @@ import json
 import math
 import random
 import shlex
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path, atomic_write_text
-from ..runtime import init_distributed
+from ..runtime import StopRequest, init_distributed
 from ..errors import CheckpointError, DinomedError
 from ..events import EventWriter
 from .config import dump_config
@@ -39,9 +38,11 @@ from .transforms import PatchDataset, PatchSampler, StepIndices
 
 STATE_DIR = "training"
 STATE_FILE = "state.pt"
+STATUS_FILE = "status.json"  # the run at its last checkpoint, for front-ends (no torch needed to read it)
 # keys that may change between a run and its resumption (they do not change what is computed)
 SESSION_KEYS = {("train", "stop_after"), ("train", "num_workers"), ("train", "device"), ("train", "log_every"),
-                ("train", "save_every"), ("train", "max_seconds"), ("train", "clock")}
+                ("train", "save_every"), ("train", "max_seconds"), ("train", "clock"),
+                ("description",)}
 
 
 @dataclass
@@ -125,6 +126,23 @@ def parameter_groups(model: nn.Module, optim_cfg: dict) -> list[dict]:
                     "group": ("backbone" if pretrained else "new") + ("" if decay else "_no_decay"),
                     "param_names": names[(pretrained, decay)]})
     return out
+
+
+def lr_factor(schedule: str, warmup_steps: int, max_steps: int, min_ratio: float):
+    """The LambdaLR factor of ``optim.schedule``: ``cosine`` (:func:`warmup_cosine`), ``linear`` (warm-up, then
+    ``1 - progress``: the poly-1.0 decay of the MedDINOv3 trainer) or ``plateau`` (warm-up, then 1; the plateau
+    scheduler takes over)."""
+    if schedule == "cosine":
+        return warmup_cosine(warmup_steps, max_steps, min_ratio)
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "plateau":
+            return 1.0
+        return max(0.0, 1.0 - (step - warmup_steps) / max(1, max_steps - warmup_steps))
+
+    return factor
 
 
 def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float):
@@ -221,31 +239,6 @@ def validate(model: nn.Module, model_json: dict, cases, labels: list[dict], amp)
 # the loop
 
 
-class _StopRequest:
-    """SIGTERM / SIGINT ask the loop to stop after the current step (state saved); a second signal interrupts."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bool = False,
              events: EventWriter | None = None, command: str | None = None) -> FinetuneResult:
     """Train ``cfg["model"]`` on the dataset in ``data_dir``; the best model folder goes to ``out_dir``."""
@@ -256,7 +249,9 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
 
     dist_info, device = init_distributed(cfg["train"]["device"])
     events = events if (events is not None and dist_info.main) else EventWriter(enabled=False, quiet=not dist_info.main)
+    stop = StopRequest()  # a stop asked for during the set-up takes effect after the first step
     try:
+        stop.__enter__()
         out_dir = Path(out_dir)
         state_path = out_dir / STATE_DIR / STATE_FILE
         train_cfg, data_cfg, optim_cfg = cfg["train"], cfg["data"], cfg["optim"]
@@ -293,11 +288,15 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
         if cfg["init_from"] and not resume:
             copied, total = init_from_model_folder(model, cfg["init_from"])
             events.log(f"initialised {copied} of {total} tensors from {cfg['init_from']}")
-        channel_specs = cfg.get("preprocessing") or [default_spec(m) for m in cfg["inputs"]]
+        pre_cfg = cfg["preprocessing"]
+        channel_specs = pre_cfg["channels"] or [default_spec(m) for m in cfg["inputs"]]
+        # what dinomed segment needs to see the input as training did: spacing, high-resolution scale, normalisation
+        preprocessing = {"target_spacing": pre_cfg["target_spacing"], "input_scale": float(pre_cfg["input_scale"]),
+                         "channels": channel_specs}
         inference = dict(cfg["inference"])
         model_json = model_json_template(
             model, name=cfg["name"], labels=spec.labels.entries, inputs=list(cfg["inputs"]),
-            preprocessing={"target_spacing": None, "channels": channel_specs}, inference=inference,
+            preprocessing=preprocessing, inference=inference,
         )
         if entry.spatial_dims == 3 and "roi_size" not in inference:
             model_json["inference"]["roi_size"] = list(data_cfg["patch_size"])
@@ -307,7 +306,7 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
 
         def load(name: str):
             if name not in cases_cache:
-                cases_cache[name] = load_case(spec, spec.case(name), channel_specs)
+                cases_cache[name] = load_case(spec, spec.case(name), channel_specs, preprocessing)
             return cases_cache[name]
 
         val_cases = [load(n) for n in val_names] if dist_info.main else []
@@ -316,8 +315,13 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
         betas = tuple(float(b) for b in optim_cfg["betas"])
         optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "param_names"} for g in groups], betas=betas)
         max_steps = int(train_cfg["max_steps"])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(int(optim_cfg["warmup_steps"]), max_steps, float(optim_cfg["min_lr_ratio"])))
+        warmup_steps = int(optim_cfg["warmup_steps"])
+        schedule = optim_cfg["schedule"]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(schedule, warmup_steps, max_steps,
+                                                                           float(optim_cfg["min_lr_ratio"])))
+        # plateau: after warm-up the LambdaLR stops and ReduceLROnPlateau owns the learning rate (official DINO-Med3D)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=float(optim_cfg["plateau_factor"]), patience=int(optim_cfg["plateau_patience"]))
         amp = train_cfg["amp"]
         amp_dtype = None
         if device.type == "cuda" and amp not in ("off", False, None):
@@ -338,6 +342,8 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            if "plateau" in state:
+                plateau.load_state_dict(state["plateau"])
             scaler.load_state_dict(state["scaler"])
             step, best_dice = int(state["step"]), float(state["best_dice"])
             best_step = int(state["best_step"]) if state["best_step"] >= 0 else None
@@ -392,16 +398,23 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
             return {
                 "format": "dinomed-finetune-state/1", "step": step, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "plateau": plateau.state_dict(),
                 "rng": rng, "best_dice": best_dice, "best_step": -1 if best_step is None else best_step,
                 "config": json.dumps(cfg), "history": json.dumps(history),
                 "train_cases": train_names, "val_cases": val_names,
             }
 
-        def checkpoint() -> None:
+        def checkpoint(finished: bool = False) -> None:
             payload = state_payload()  # a collective under DDP: every rank takes part
             if dist_info.main:
                 save_state(state_path, payload)
                 atomic_write_text(out_dir / STATE_DIR / "history.json", json.dumps(history, indent=1))
+                atomic_write_text(out_dir / STATE_DIR / STATUS_FILE, json.dumps({
+                    "format": "dinomed-run-status/1", "kind": "finetune", "name": cfg["name"], "step": step,
+                    "total": max_steps, "finished": finished, "best_step": best_step,
+                    "best_dice": best_dice if math.isfinite(best_dice) else None,
+                    "config": str((out_dir / STATE_DIR / "config.yaml").resolve()),
+                    "data": str(Path(data_dir).resolve()), "command": command}, indent=1))
 
         def run_validation() -> None:
             nonlocal best_dice, best_step
@@ -413,6 +426,8 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
                 history.append(record)
                 events.metric(**record)
                 score = scores["dice"] if math.isfinite(scores["dice"]) else -1.0
+                if schedule == "plateau" and step >= warmup_steps:
+                    plateau.step(score)
                 if score > best_dice or best_step is None:
                     best_dice, best_step = score, step
                     model_json["provenance"] = {**model_json["provenance"], **provenance_base,
@@ -430,58 +445,61 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
         clock = time.process_time if train_cfg["clock"] == "process" else time.perf_counter
         started = clock()
         train_model.train()
-        with _StopRequest() as stop:
-            for batch in _batches(loader, step, max_steps):
-                images = batch["image"].to(device, non_blocking=True)
-                labels = batch["label"].to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = train_model(images)
-                loss = loss_fn(logits.float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if optim_cfg["grad_clip"]:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(optim_cfg["grad_clip"]))
-                scaler.step(optimizer)
-                scaler.update()
+        for batch in _batches(loader, step, max_steps):
+            images = batch["image"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = train_model(images)
+            loss = loss_fn(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if optim_cfg["grad_clip"]:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), float(optim_cfg["grad_clip"]))
+            scaler.step(optimizer)
+            scaler.update()
+            if schedule != "plateau" or step < warmup_steps:
                 scheduler.step()
-                step += 1
-                loss_value = loss.detach()
-                out_of_time = max_seconds is not None and clock() - started >= float(max_seconds)
-                flags = torch.tensor([float(loss_value), float(stop.requested), float(out_of_time)], dtype=torch.float64)
-                if dist_info.world_size > 1:
-                    import torch.distributed as dist
+            step += 1
+            loss_value = loss.detach()
+            out_of_time = max_seconds is not None and clock() - started >= float(max_seconds)
+            # (on this rank's device: nccl reduces GPU tensors only)
+            flags = torch.tensor([float(loss_value), float(out_of_time)], dtype=torch.float64, device=device)
+            if dist_info.world_size > 1:
+                import torch.distributed as dist
 
-                    dist.all_reduce(flags)
-                    flags[0] /= dist_info.world_size
-                last = step == max_steps or bool(flags[2] > 0)  # the time budget ends the run like its last step
-                if not math.isfinite(float(flags[0])):
-                    raise DinomedError(f"the training loss became {float(flags[0])} at step {step}; lower optim.lr "
-                                       "or check the data (state before this step is in the last checkpoint)")
-                if step % log_every == 0 or last:
-                    record = {"phase": "train", "step": step, "epoch": sampler.epoch_of((step - 1) * global_batch),
-                              "loss": float(flags[0]), "lr": optimizer.param_groups[-1]["lr"],
-                              "elapsed": round(clock() - started, 3)}
-                    history.append(record)
-                    events.metric(**record)
-                events.progress(step, max_steps, "steps")
-                if step % val_every == 0 or last:
-                    run_validation()
-                stop_now = not last and (bool(flags[1] > 0) or (
-                    stop_after is not None and start_step < int(stop_after) <= step))
-                if step % save_every == 0 or last or stop_now:
-                    checkpoint()
-                if last and step < max_steps:
-                    events.log(f"time budget of {max_seconds} s reached at step {step}")
-                    break
-                if stop_now:
-                    stopped = True
-                    events.log(f"stopped at step {step}; continue with --resume")
-                    break
+                dist.all_reduce(flags)
+                flags[0] /= dist_info.world_size
+            last = step == max_steps or bool(flags[1] > 0)  # the time budget ends the run like its last step
+            if not math.isfinite(float(flags[0])):
+                raise DinomedError(f"the training loss became {float(flags[0])} at step {step}; lower optim.lr "
+                                   "or check the data (state before this step is in the last checkpoint)")
+            if step % log_every == 0 or last:
+                record = {"phase": "train", "step": step, "epoch": sampler.epoch_of((step - 1) * global_batch),
+                          "loss": float(flags[0]), "lr": optimizer.param_groups[-1]["lr"],
+                          "elapsed": round(clock() - started, 3)}
+                history.append(record)
+                events.metric(**record)
+            events.progress(step, max_steps, "steps")
+            if step % val_every == 0 or last:
+                run_validation()
+            # a stop asked for during this step (or its validation) ends the run here, on every rank
+            stop_now = not last and (stop.agree(dist_info, device) or (
+                stop_after is not None and start_step < int(stop_after) <= step))
+            if step % save_every == 0 or last or stop_now:
+                checkpoint(finished=last)
+            if last and step < max_steps:
+                events.log(f"time budget of {max_seconds} s reached at step {step}")
+                break
+            if stop_now:
+                stopped = True
+                events.log(f"stopped at step {step}; continue with --resume")
+                break
         return FinetuneResult(out_dir=out_dir, step=step, best_step=best_step, best_dice=best_dice, stopped=stopped,
                               history=history, train_cases=train_names, val_cases=val_names,
                               main_process=dist_info.main)
     finally:
+        stop.__exit__()
         if dist_info.initialised_here:
             import torch.distributed as dist
 

@@ -7,7 +7,9 @@ The pipeline, in the order a reader of a PET/CT would expect it:
    when it is obviously in Bq/ml), and refuse NaN voxels;
 2. resample the PET onto the CT grid (physical space, identity transform; an error when the two do not overlap);
 3. normalise the channels in ``model.json["inputs"]`` order with :func:`dinomed.preprocess.normalize_channels`,
-   on the model's ``preprocessing.target_spacing`` grid when it names one;
+   on the model's grid (:func:`model_grid`: ``preprocessing.target_spacing`` and the high-resolution
+   ``input_scale``, as the model was trained) when that differs from the CT's; the labels are put back onto the
+   CT grid exactly (:func:`labels_to_reference`);
 4. predict with :func:`dinomed.inference.predict.predict_volume` (slice batches for 2D models, MONAI sliding
    windows for 3D models), on the chosen device and, on a GPU, under bf16/fp16 autocast;
 5. post-process: for every label, connected components smaller than ``inference.min_component_ml`` are removed;
@@ -116,26 +118,55 @@ def pet_on_ct_grid(pet: sitk.Image, ct: sitk.Image, pet_name: str = "PET", ct_na
     return resample_to_reference(pet, ct, "linear", 0.0, name=pet_name, reference_name=ct_name)
 
 
-def _target_grid(ct: sitk.Image, target_spacing) -> sitk.Image | None:
-    """A grid with the CT's origin and direction covering the same extent at ``target_spacing`` (x, y, z mm);
-    None when the model wants the CT's own grid."""
-    if not target_spacing:
+def model_spacing(image: sitk.Image, preprocessing: dict | None) -> np.ndarray | None:
+    """The voxel spacing (x, y, z mm) the model works at for ``image``: ``preprocessing.target_spacing`` (or the
+    image's own spacing) with the in-plane spacing divided by ``preprocessing.input_scale`` (high-resolution input,
+    MedDINOv3); None when that is the image's own grid."""
+    pre = preprocessing or {}
+    target, scale = pre.get("target_spacing"), float(pre.get("input_scale") or 1.0)
+    old = np.asarray(image.GetSpacing(), dtype=float)
+    if target:
+        spacing = np.asarray([float(s) for s in target])
+        if spacing.shape != (3,) or np.any(spacing <= 0):
+            raise DinomedError(f"model.json preprocessing.target_spacing must be three positive millimetre values [x, y, z], found {target}")
+    else:
+        spacing = old.copy()
+    if scale <= 0:
+        raise DinomedError(f"model.json preprocessing.input_scale must be a positive factor, found {pre.get('input_scale')}")
+    spacing[:2] /= scale
+    return None if np.allclose(old, spacing, rtol=1e-3) else spacing
+
+
+def model_grid(image: sitk.Image, preprocessing: dict | None) -> sitk.Image | None:
+    """The grid the model runs on for ``image`` (see :func:`model_spacing`): the image's direction, the same
+    physical extent (the outer edge of the first voxel stays where it was), the model's spacing; None when the
+    model wants the image's own grid."""
+    spacing = model_spacing(image, preprocessing)
+    if spacing is None:
         return None
-    spacing = np.asarray([float(s) for s in target_spacing])
-    if spacing.shape != (3,) or np.any(spacing <= 0):
-        raise DinomedError(f"model.json preprocessing.target_spacing must be three positive millimetre values [x, y, z], found {target_spacing}")
-    old = np.asarray(ct.GetSpacing())
-    if np.allclose(old, spacing, rtol=1e-3):
-        return None
-    size = np.maximum(1, np.round(np.asarray(ct.GetSize()) * old / spacing)).astype(int)
+    old = np.asarray(image.GetSpacing())
+    size = np.maximum(1, np.round(np.asarray(image.GetSize()) * old / spacing)).astype(int)
     grid = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
     grid.SetSpacing(spacing.tolist())
     # keep the physical edge of the first voxel where it was: origin moves by half the change of voxel size
-    direction = np.asarray(ct.GetDirection()).reshape(3, 3)
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
     shift = direction @ ((spacing - old) / 2.0)
-    grid.SetOrigin((np.asarray(ct.GetOrigin()) + shift).tolist())
-    grid.SetDirection(ct.GetDirection())
+    grid.SetOrigin((np.asarray(image.GetOrigin()) + shift).tolist())
+    grid.SetDirection(image.GetDirection())
     return grid
+
+
+def _target_grid(ct: sitk.Image, target_spacing) -> sitk.Image | None:
+    """:func:`model_grid` for a target spacing alone (no input scale)."""
+    return model_grid(ct, {"target_spacing": target_spacing})
+
+
+def labels_to_reference(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """A label map on the model grid put back onto ``reference`` (the CT grid) by nearest neighbour: the result has
+    the reference's size, spacing, origin and direction exactly; outside the model grid is background."""
+    out = sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    out.CopyInformation(reference)
+    return out
 
 
 def model_channels(model_json: dict, ct: sitk.Image, pet: sitk.Image | None, grid: sitk.Image | None = None,
@@ -160,9 +191,12 @@ def model_channels(model_json: dict, ct: sitk.Image, pet: sitk.Image | None, gri
         else:
             raise DinomedError(f"model {model_json.get('name', '?')!r}: unsupported input modality {mod!r}; expected CT or PET")
         if grid is not None:
-            image = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), grid, sitk.Transform(), sitk.sitkLinear,
-                                  -1000.0 if mod == "CT" else 0.0, sitk.sitkFloat32)
-        arrays.append(sitk.GetArrayViewFromImage(image))
+            resampled = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), grid, sitk.Transform(), sitk.sitkLinear,
+                                      -1000.0 if mod == "CT" else 0.0, sitk.sitkFloat32)
+            # a copy: a view would outlive the resampled image it looks into (freed at the next channel)
+            arrays.append(sitk.GetArrayFromImage(resampled))
+        else:
+            arrays.append(sitk.GetArrayViewFromImage(image))  # ct and pet outlive this function
     return normalize_channels(arrays, specs)
 
 
@@ -295,7 +329,7 @@ def segment_images(
     """
     from .predict import model_device, predict_volume
 
-    grid = _target_grid(ct, (model_json.get("preprocessing") or {}).get("target_spacing"))
+    grid = model_grid(ct, model_json.get("preprocessing"))  # target spacing and high-resolution input scale
     channels = model_channels(model_json, ct, pet_on_ct, grid)
     predicted = predict_volume(model, model_json, channels, amp=amp_setting(model_device(model)), progress=progress)
     del channels
@@ -305,7 +339,7 @@ def segment_images(
     labels = sitk.GetImageFromArray(predicted.astype(np.uint8, copy=False))
     if grid is not None:
         labels.CopyInformation(grid)
-        labels = sitk.Resample(labels, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        labels = labels_to_reference(labels, ct)
     else:
         labels.CopyInformation(ct)
     labels = remove_small_components(labels, min_component_voxels(model_json, ct.GetSpacing()))

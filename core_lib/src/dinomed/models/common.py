@@ -61,24 +61,27 @@ def tokens_to_grid(backbone: nn.Module, x: torch.Tensor, hw: tuple[int, int], no
 
 
 def run_blocks(
-    backbone: nn.Module, x: torch.Tensor, rope: torch.Tensor | None, hw: tuple[int, int], layers: Sequence[int]
+    backbone: nn.Module, x: torch.Tensor, rope: torch.Tensor | None, hw: tuple[int, int], layers: Sequence[int],
+    norm: bool = True,
 ) -> list[torch.Tensor]:
-    """Run every block of ``backbone`` on the token sequence ``x``; return the normalised patch-token maps of
-    ``layers`` (as ``extract_features``)."""
+    """Run the blocks of ``backbone`` on the token sequence ``x`` up to the last of ``layers``; return the patch-token
+    maps of ``layers``: normalised by the final LayerNorm (``norm``, as ``extract_features``) or the raw block outputs
+    (``norm=False``, what a forward hook on the block sees)."""
     feats = []
     last = max(layers)
     for i, blk in enumerate(backbone.blocks[: last + 1]):
         x = blk(x, rope=rope)
         if i in layers:
-            feats.append(tokens_to_grid(backbone, x, hw))
+            feats.append(tokens_to_grid(backbone, x, hw, norm=norm))
     return feats
 
 
-def vit_features(backbone: nn.Module, images: torch.Tensor, layers: Sequence[int]) -> list[torch.Tensor]:
-    """Normalised patch-token maps ``(B, C, H/16, W/16)`` of ``layers`` for images whose sides are multiples of 16."""
+def vit_features(backbone: nn.Module, images: torch.Tensor, layers: Sequence[int], norm: bool = True) -> list[torch.Tensor]:
+    """Patch-token maps ``(B, C, H/16, W/16)`` of ``layers`` (normalised unless ``norm=False``) for images whose sides
+    are multiples of 16."""
     tokens = backbone.patch_embed(images)
     x, rope = embed_tokens(backbone, tokens)
-    return run_blocks(backbone, x, rope, tokens.shape[1:3], layers)
+    return run_blocks(backbone, x, rope, tokens.shape[1:3], layers, norm=norm)
 
 
 def freeze(module: nn.Module) -> nn.Module:

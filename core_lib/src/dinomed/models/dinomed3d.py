@@ -1,43 +1,53 @@
 """DINO-Med3D: progressive 2D→3D adaptation of a DINOv3 ViT for volumetric segmentation.
 
 Hu et al., "DINO-Med3D: Bridging Dimension and Domain Gaps in Volumetric Segmentation via Progressive
-Adaptation", MICCAI 2026, arXiv:2606.18886, Method section:
+Adaptation", MICCAI 2026, arXiv:2606.18886, sec. 2, built as the paper and its official code
+(github.com/HaoyuHu1/DINO-Med3D, ``models/``) build it by default:
 
-* **Inter-slice context embedding (ICE)**: each axial slice is embedded together with its K-1 neighbours
-  (K = 3 by default; zero slices beyond the volume's ends) by a depth-aware 3D convolution, kernel
-  ``(K, 16, 16)``, stride ``(1, 16, 16)``, whose output replaces the ViT's 2D patch tokens. It is initialised
-  from the 2D patch embedding: the 2D kernel sits in the central depth slot and the others are zero, so at
-  initialisation the tokens equal the 2D embedding of the central slice, and K = 1 is the 2D embedding.
-  (:class:`InterSliceContextEmbedding`)
-* **Stage I** (``stage: 1``): the whole backbone (with ICE) is fine-tuned with a lightweight MLP proxy head that
-  segments the central slice: per patch token, an MLP predicts the 16×16 pixels of that patch for every class
-  (:class:`ProxySegmentationHead`). A volume in gives every slice's 2D prediction, stacked; ``forward_central``
-  takes one K-slice slab.
-* **Stage II** (``stage: 2``): the backbone is frozen and adapted with LoRA (``peft``) on ``qkv``, ``proj``,
-  ``fc1``, ``fc2`` of every block (timm ``Eva`` names: ``blocks.N.attn.qkv``, ``attn.proj``, ``mlp.fc1``,
-  ``mlp.fc2``); the volume is processed as D slabs (one ICE slab per slice) and the patch tokens of four evenly
-  spaced blocks are stacked along depth into pseudo-3D feature volumes. A **3D adapter** of 3D (transposed)
-  convolutions turns them into a multi-scale volumetric pyramid (in-plane strides 4, 8, 16, 32; the coarsest
-  also halves depth) (:class:`VolumetricAdapter`), decoded by a **3D UperNet** (pyramid pooling module on the
-  coarsest level + FPN, all 3D) (:class:`UperNet3D`) into the semantic stream ``f_sem`` at 1/4 in-plane.
-  The **detail-recovery stream** (HRSE, :class:`DetailRecoveryStream`) is a light 3D residual CNN on the raw
-  volume at full, 1/2 and 1/4 in-plane resolution; at each of these scales the streams meet in the adaptive
-  gated fusion ``f = f_sem + σ(Conv([f_sem; f_det])) ⊙ f_det`` (:class:`GatedFusion`) on the way up to full
-  resolution.
+* **Inter-slice context embedding (ICE)**, sec. 2.2.1: every axial slice is embedded together with its
+  neighbours: the K slices of its slab (zero slices beyond the volume's ends) are the input channels of the
+  ViT's pretrained 2D patch embedding (official ``Dino2DIntegratedEncoder._expand_25d``: K = 3 slices into the
+  RGB patch embedding). The embedding is initialised from the pretrained kernel as the official code does: for
+  K = 3 from an RGB checkpoint it *is* the pretrained kernel; any other K ≥ 1 (the paper's Table 2 ablation,
+  which the official code does not include) follows timm's ``adapt_input_conv`` (channels repeated cyclically
+  and scaled by 3/K; K = 1 sums them), which reduces to the official rule at K = 3. With C > 1 image channels
+  (PET/CT) each slice's kernel is shared equally among its C channels. Slab offsets are ``-(K//2) .. K-1-K//2``
+  (our choice for even K: the paper does not say). (:func:`ice_patch_weight`, :func:`slabs`)
+* **Stage I** (``stage: 1``), sec. 2.2.2: backbone and ICE fully finetuned with a light proxy head: a 1×1
+  convolution on the **last** block's patch tokens, bilinearly upsampled to the slice (official
+  ``Stage1Model``). ``proxy_head: mlp`` is our earlier head, a named option (see DEFAULTS).
+* **Stage II** (``stage: 2``), sec. 2.3: the stage-I backbone (ICE included) is frozen and adapted with LoRA
+  (peft; rank 16, alpha 16, dropout 0.1 on ``qkv``, ``proj``, ``fc1``, ``fc2``: official ``configs/base.py``;
+  as in the official code, the ``proj`` target also matches the patch-embedding convolution, the ICE).
+  The raw outputs (no final LayerNorm, official forward hooks) of four evenly spaced blocks are stacked along
+  depth and lifted by the **3D adapter** (sec. 2.3.1; official ``Adapter3D``: per level a 1×1×1 conv to 256,
+  InstanceNorm, PReLU, then a transposed conv ×4 / ×2 in-plane, identity, or a stride-2 conv: in-plane strides
+  4, 8, 16, 32). The **HRSE** (sec. 2.3.2; official ``ResNetHighResEncoder``: a stem and 5 residual blocks,
+  16/32/64 channels at full, 1/2 and 1/4 in-plane, the 1/4 map projected to 256) gives the detail maps. The
+  **adaptive gated fusion** ``f = f_sem + σ(Conv([f_sem; f_det])) ⊙ f_det`` (eq. 2-3) acts **once, on the 1/4
+  level, before the UperNet** (official ``fusion_mid``); the **3D UperNet** (width 256; PPM bins 1, 2, 3, 6) then
+  decodes the pyramid to 1/4 in-plane, and the **refinement decoder** (official ``HighResRefinementDecoder``)
+  climbs to full resolution with the 1/2 and full-resolution detail maps (64, then 32 channels) before a 1×1
+  classifier.
 
-Ablation switches (config keys): ``ice_k`` (K; 1 = no inter-slice context), ``use_semantic_stream`` (stream 1:
-the ViT path), ``use_detail_stream`` (stream 2: HRSE), ``decoder`` (``upernet`` or ``simple``: levels projected,
-resized to the finest level and summed), ``stage``. ``stage1_checkpoint`` (a stage-I model folder or its
-``model.safetensors``) initialises a stage-II model's backbone and ICE before LoRA is added; like
-``backbone_checkpoint`` it is only used when building for training.
+As in the official adapter, the ×4 and ×2 transposed convolutions have a depth kernel of 4 and 2 with depth
+stride 1 (depth D+3 and D+1); the levels and streams are brought to one grid by trilinear resizing where they
+meet, and the refinement decoder resizes back to the input depth (official behaviour, kept for fidelity).
 
-Choices the paper leaves open and made here: GroupNorm in every 3D block (batch-size independent);
-HRSE downsamples in-plane only (CT slices are usually thicker than the in-plane spacing); the ICE stays frozen in
-stage II with the rest of the backbone. Input ``(B, C, D, H, W)`` of any size (H, W zero-padded to multiples of
-16 inside, logits cropped back); output logits ``(B, num_classes, D, H, W)``.
+Ablations (config keys; Table 2 and 3): ``ice_k`` (K), ``use_semantic_stream`` (stream 1: ViT → adapter →
+UperNet), ``use_detail_stream`` (stream 2: HRSE → gate → refinement; without it the UperNet's own 1×1 classifier
+is upsampled, as the official UperNet's ``cls`` layer allows), ``stage``. ``stage1_checkpoint`` (a stage-I model
+folder or its ``model.safetensors``) initialises a stage-II model's backbone (ICE included) before LoRA is added;
+like ``backbone_checkpoint`` it is only used when building for training.
+
+Choices of ours where neither paper nor code says: input H, W need not be multiples of 16 (zero-padded inside,
+logits cropped back); InstanceNorm/GroupNorm as the official code (GroupNorm groups are gcd(channels, 32) so that
+tiny test widths work; 32 at the default widths). Input ``(B, C, D, H, W)``; output logits
+``(B, num_classes, D, H, W)``.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -45,8 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, DinomedError
-from .common import (ConvNormAct3d, aggregation_layers, check_input, embed_tokens, freeze, group_norm, make_backbone,
-                     pad_to_patch, run_blocks)
+from .common import aggregation_layers, check_input, embed_tokens, pad_to_patch, run_blocks
 from .registry import register_model
 
 DEFAULTS = {
@@ -54,208 +63,249 @@ DEFAULTS = {
     "in_chans": 1,
     "num_classes": None,
     "stage": 2,
-    "ice_k": 3,
-    "layers": None,
+    "ice_k": 3,  # paper sec. 3.2 and official code: K = 3
+    "layers": None,  # four evenly spaced blocks (official out_indices: 2, 5, 8, 11 of 12; 5, 11, 17, 23 of 24)
+    # Raw block outputs feed the heads (official forward hooks). Named option: true applies the backbone's final
+    # LayerNorm to every block (DINOv3's get_intermediate_layers(norm=True), as MedDINOv3 does): it puts the four
+    # levels on one scale, which can help when the backbone is not finetuned (sec. 2.3.1 freezes it in stage II).
+    "feature_norm": False,
+    # Stage-I proxy head (sec. 2.2.2). "linear": the official 1x1 conv on the last block + bilinear upsampling.
+    # Named option "mlp": our earlier head, a LayerNorm-MLP on the four aggregated blocks that predicts each patch's
+    # 16x16 pixels (pixel shuffle); sharper slice boundaries than bilinear upsampling of a 1/16 map, at ~1 M more
+    # parameters; the paper's text calls its head a "lightweight MLP".
+    "proxy_head": "linear",
+    "proxy_hidden": 256,  # hidden width of proxy_head: mlp
     "use_semantic_stream": True,
     "use_detail_stream": True,
     "decoder": "upernet",
-    "lora_rank": 8,
+    "lora_rank": 16,  # official configs/base.py: lora_r 16, lora_alpha 16, lora_dropout 0.1
     "lora_alpha": 16,
-    "lora_dropout": 0.0,
+    "lora_dropout": 0.1,
     "lora_targets": ["qkv", "proj", "fc1", "fc2"],
-    "adapter_channels": [256, 256, 256, 256],
-    "decoder_channels": 224,  # UperNet width; with the other defaults the totals land near the paper's 47M / 112M / 334M
+    "adapter_channels": 256,  # official Adapter3D out_channels
+    "decoder_channels": 256,  # official UPerNet3DDecoder channels
     "ppm_bins": [1, 2, 3, 6],
-    "detail_channels": [32, 64, 128],
-    "proxy_hidden": 256,
+    "detail_channels": [16, 32, 64],  # official ResNetHighResEncoder base_channels 16: 16/32/64
+    "refine_channels": [64, 32],  # official HighResRefinementDecoder: r12 → 64, r11 → 32
     "slice_batch": 32,
     "drop_path_rate": 0.0,
 }
+
+
+def _gn(channels: int) -> nn.GroupNorm:
+    """GroupNorm(32, C) as the official UperNet; fewer groups at narrow test widths (at least 2 channels a group, so
+    that a 1×1×1 pooled map still normalises)."""
+    groups = math.gcd(channels, 32)
+    while groups > 1 and channels // groups < 2:
+        groups //= 2
+    return nn.GroupNorm(groups, channels)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # ICE
 
 
-class InterSliceContextEmbedding(nn.Module):
-    """K adjacent slices → the ViT's patch tokens, by a ``(K, 16, 16)`` 3D convolution with stride ``(1, 16, 16)``."""
+def slab_offsets(k: int) -> list[int]:
+    """Slice offsets of a K-slab around its slice: K = 3 → -1, 0, 1; K = 2 → -1, 0; K = 4 → -2, -1, 0, 1."""
+    return list(range(-(k // 2), k - k // 2))
 
-    def __init__(self, patch_conv: nn.Conv2d, k: int):
-        super().__init__()
-        if k < 1 or k % 2 == 0:
-            raise DinomedError(f"dinomed3d: ice_k must be an odd number of slices (1, 3, 5, …), found {k}")
-        self.k = k
-        out_c, in_c, ph, pw = patch_conv.weight.shape
-        self.patch = (ph, pw)
-        self.proj = nn.Conv3d(in_c, out_c, (k, ph, pw), stride=(1, ph, pw))
+
+def slabs(volume: torch.Tensor, k: int) -> torch.Tensor:
+    """``(B, C, D, H, W)`` → ``(B*D, K*C, H, W)``: every slice with its K-slab as channels (slice-major within the
+    channels: slab slice 0's C channels, then slice 1's, …), zero slices beyond the volume's ends."""
+    b, c, d, h, w = volume.shape
+    offsets = slab_offsets(k)
+    lo, hi = -offsets[0], offsets[-1]
+    padded = F.pad(volume, (0, 0, 0, 0, lo, hi))
+    stacked = torch.stack([padded[:, :, lo + o: lo + o + d] for o in offsets], dim=1)  # (B, K, C, D, H, W)
+    return stacked.permute(0, 3, 1, 2, 4, 5).reshape(b * d, k * c, h, w)
+
+
+def ice_patch_weight(weight: torch.Tensor, k: int, in_chans: int) -> torch.Tensor:
+    """The ICE patch-embedding kernel ``(E, K*C, p, p)`` from a pretrained 2D kernel ``(E, S, p, p)``.
+
+    Over the K slices: timm's ``adapt_input_conv`` (K == S: unchanged, the official K = 3 from RGB; K = 1: the S
+    kernels summed; otherwise repeated cyclically and scaled by S/K). Each slice's kernel is then shared equally by
+    its ``in_chans`` channels (divided by C), so a volume with identical channels gives the single-channel response.
+    """
+    from timm.models import adapt_input_conv
+
+    per_slice = adapt_input_conv(k, weight, base_chans=weight.shape[1])  # (E, K, p, p)
+    return (per_slice / in_chans).repeat_interleave(in_chans, dim=1)
+
+
+def _ice_backbone(cfg: dict) -> nn.Module:
+    """The DINOv3 ViT whose patch embedding reads K*C channels (the ICE), initialised from ``backbone_checkpoint``."""
+    from ..backbones import create_backbone, load_backbone, resolve_arch
+
+    k, c = int(cfg["ice_k"]), int(cfg["in_chans"])
+    if k < 1:
+        raise DinomedError(f"dinomed3d: ice_k must be a number of slices >= 1, found {cfg['ice_k']!r}")
+    spec = resolve_arch(cfg["backbone"])
+    model = create_backbone(spec, in_chans=k * c, drop_path_rate=float(cfg["drop_path_rate"]))
+    if cfg.get("backbone_checkpoint"):
+        source = load_backbone(cfg["backbone_checkpoint"], arch=spec.name)  # its own channel count (RGB or grey)
+        state = source.state_dict()
+        state["patch_embed.proj.weight"] = ice_patch_weight(state["patch_embed.proj.weight"], k, c)
+        model.load_state_dict(state)
+    else:
+        # a fresh model starts from an RGB-style kernel adapted the same way, so both paths build the same function
         with torch.no_grad():
-            self.proj.weight.zero_()
-            self.proj.weight[:, :, k // 2] = patch_conv.weight  # the central slice gets the 2D kernel
-            if patch_conv.bias is not None:
-                self.proj.bias.copy_(patch_conv.bias)
-            else:
-                self.proj.bias.zero_()
-
-    def forward(self, volume: torch.Tensor) -> torch.Tensor:
-        """``(B, C, D, H, W)`` (H, W multiples of 16) → tokens ``(B*D, H/16, W/16, E)``, slice-major per volume."""
-        half = self.k // 2
-        x = F.pad(volume, (0, 0, 0, 0, half, half))  # zero slices beyond the volume's ends
-        y = self.proj(x)  # (B, E, D, h, w)
-        b, e, d, h, w = y.shape
-        return y.permute(0, 2, 3, 4, 1).reshape(b * d, h, w, e)
-
-    def forward_slab(self, slab: torch.Tensor) -> torch.Tensor:
-        """One K-slice slab ``(B, C, K, H, W)`` → the central slice's tokens ``(B, H/16, W/16, E)`` (no padding)."""
-        y = self.proj(slab)
-        return y[:, :, 0].permute(0, 2, 3, 1)
+            rgb = create_backbone(spec, in_chans=3).patch_embed.proj.weight
+            model.patch_embed.proj.weight.copy_(ice_patch_weight(rgb, k, c))
+    return model.train()
 
 
 # ---------------------------------------------------------------------------------------------------------
-# stage I
+# stage I heads
 
 
-class ProxySegmentationHead(nn.Module):
-    """Stage-I proxy head: an MLP per patch token predicting that patch's 16×16 pixels for every class."""
+class LinearProxyHead(nn.Module):
+    """Official stage-I head: a 1×1 convolution on the last block's token map, bilinearly upsampled."""
+
+    def __init__(self, embed_dim: int, num_classes: int):
+        super().__init__()
+        self.head = nn.Conv2d(embed_dim, num_classes, 1)
+
+    def forward(self, tokens: torch.Tensor, size) -> torch.Tensor:
+        return F.interpolate(self.head(tokens), size=size, mode="bilinear", align_corners=False)
+
+
+class MLPProxyHead(nn.Module):
+    """Named option ``proxy_head: mlp``: per patch token, an MLP predicts its 16×16 pixels for every class."""
 
     def __init__(self, in_dim: int, hidden: int, num_classes: int, patch: int = 16):
         super().__init__()
         self.patch = patch
-        self.num_classes = num_classes
         self.mlp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(),
                                  nn.Linear(hidden, num_classes * patch * patch))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``(N, E, h, w)`` → logits ``(N, num_classes, 16h, 16w)``."""
-        x = self.mlp(tokens.permute(0, 2, 3, 1))  # (N, h, w, nc*p*p)
-        x = x.permute(0, 3, 1, 2)
+    def forward(self, tokens: torch.Tensor, size) -> torch.Tensor:
+        x = self.mlp(tokens.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return F.pixel_shuffle(x, self.patch)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# stage II: adapter, UperNet, HRSE, gated fusion
-
-
-class VolumetricAdapter(nn.Module):
-    """Stacked pseudo-3D token volumes (1/16 in-plane, full depth) → a pyramid at in-plane strides 4, 8, 16, 32."""
-
-    def __init__(self, embed_dim: int, channels: list[int]):
-        super().__init__()
-        up = dict(kernel_size=(1, 2, 2), stride=(1, 2, 2))
-        c0, c1, c2, c3 = channels
-        self.levels = nn.ModuleList([
-            nn.Sequential(nn.ConvTranspose3d(embed_dim, c0, **up), group_norm(c0), nn.GELU(),
-                          nn.ConvTranspose3d(c0, c0, **up), ConvNormAct3d(c0, c0, 3)),
-            nn.Sequential(nn.ConvTranspose3d(embed_dim, c1, **up), ConvNormAct3d(c1, c1, 3)),
-            nn.Sequential(ConvNormAct3d(embed_dim, c2, 1), ConvNormAct3d(c2, c2, 3)),
-            nn.Sequential(ConvNormAct3d(embed_dim, c3, 1), ConvNormAct3d(c3, c3, 3, stride=2)),
-        ])
-
-    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [level(f) for level, f in zip(self.levels, feats)]
+# stage II: adapter, UperNet, HRSE, gated fusion, refinement
 
 
 def _resize(x: torch.Tensor, size) -> torch.Tensor:
     return x if tuple(x.shape[2:]) == tuple(size) else F.interpolate(x, size=size, mode="trilinear", align_corners=False)
 
 
-class PyramidPooling3D(nn.Module):
-    """PSPNet's pyramid pooling module in 3D (adaptive average pooling to each bin size, 1×1×1 conv, resize back)."""
+class VolumetricAdapter(nn.Module):
+    """Stacked pseudo-3D token volumes (1/16 in-plane) → a pyramid at in-plane strides 4, 8, 16, 32 (sec. 2.3.1)."""
 
-    def __init__(self, cin: int, channels: int, bins: list[int]):
+    def __init__(self, embed_dim: int, channels: int):
         super().__init__()
-        self.bins = list(bins)
-        self.branches = nn.ModuleList(ConvNormAct3d(cin, channels, 1) for _ in self.bins)
-        self.bottleneck = ConvNormAct3d(cin + channels * len(self.bins), channels, 3)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [x]
-        for b, branch in zip(self.bins, self.branches):
-            outs.append(_resize(branch(F.adaptive_avg_pool3d(x, b)), x.shape[2:]))
-        return self.bottleneck(torch.cat(outs, dim=1))
+        def reduce():
+            return [nn.Conv3d(embed_dim, channels, 1, bias=False), nn.InstanceNorm3d(channels), nn.PReLU()]
+
+        self.levels = nn.ModuleList([
+            nn.Sequential(*reduce(), nn.ConvTranspose3d(channels, channels, 4, stride=(1, 4, 4))),
+            nn.Sequential(*reduce(), nn.ConvTranspose3d(channels, channels, 2, stride=(1, 2, 2))),
+            nn.Sequential(*reduce()),
+            nn.Sequential(*reduce(), nn.Conv3d(channels, channels, 3, stride=(1, 2, 2), padding=1)),
+        ])
+
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [level(f) for level, f in zip(self.levels, feats)]
 
 
 class UperNet3D(nn.Module):
-    """UperNet (Xiao et al., 2018) in 3D: PPM on the coarsest level, FPN top-down, all levels fused at the finest."""
+    """UperNet (Xiao et al., 2018) in 3D as the official ``UPerNet3DDecoder``: PPM on the coarsest level, top-down
+    FPN, the four levels fused at the finest; ``cls`` classifies its output (used without the detail stream)."""
 
-    def __init__(self, in_channels: list[int], channels: int, bins: list[int]):
+    def __init__(self, in_channels: int, channels: int, bins: list[int], num_classes: int | None):
         super().__init__()
-        self.ppm = PyramidPooling3D(in_channels[-1], channels, bins)
-        self.laterals = nn.ModuleList(ConvNormAct3d(c, channels, 1) for c in in_channels[:-1])
-        self.fpn_convs = nn.ModuleList(ConvNormAct3d(channels, channels, 3) for _ in in_channels[:-1])
-        self.fuse = ConvNormAct3d(channels * len(in_channels), channels, 3)
+        quarter = channels // 4
+        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool3d(b), nn.Conv3d(in_channels, quarter, 1), _gn(quarter),
+                                               nn.PReLU()) for b in bins)
+        self.ppm_out = nn.Sequential(nn.Conv3d(in_channels + quarter * len(bins), channels, 3, padding=1), _gn(channels),
+                                     nn.PReLU())
+        self.lateral = nn.ModuleList(nn.Sequential(nn.Conv3d(in_channels, channels, 1), _gn(channels), nn.PReLU())
+                                     for _ in range(3))
+        self.fpn_out = nn.ModuleList(nn.Sequential(nn.Conv3d(channels, channels, 3, padding=1), _gn(channels), nn.PReLU())
+                                     for _ in range(3))
+        self.fuse = nn.Sequential(nn.Conv3d(channels * 4, channels, 3, padding=1), _gn(channels), nn.PReLU(),
+                                  nn.Dropout(0.1))
+        # built only when used (no detail stream), so that no parameter goes without a gradient (DDP)
+        self.cls = nn.Conv3d(channels, num_classes, 1) if num_classes else None
 
     def forward(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
-        lat = [lateral(p) for lateral, p in zip(self.laterals, pyramid[:-1])] + [self.ppm(pyramid[-1])]
-        for i in range(len(lat) - 1, 0, -1):
-            lat[i - 1] = lat[i - 1] + _resize(lat[i], lat[i - 1].shape[2:])
-        outs = [conv(x) for conv, x in zip(self.fpn_convs, lat[:-1])] + [lat[-1]]
-        size = outs[0].shape[2:]
-        return self.fuse(torch.cat([_resize(o, size) for o in outs], dim=1))
-
-
-class SimpleDecoder3D(nn.Module):
-    """Ablation decoder: each level projected (1×1×1), resized to the finest level, summed, one 3×3×3 conv."""
-
-    def __init__(self, in_channels: list[int], channels: int):
-        super().__init__()
-        self.proj = nn.ModuleList(nn.Conv3d(c, channels, 1) for c in in_channels)
-        self.out = ConvNormAct3d(channels, channels, 3)
-
-    def forward(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
-        size = pyramid[0].shape[2:]
-        return self.out(sum(_resize(p(x), size) for p, x in zip(self.proj, pyramid)))
+        top = pyramid[-1]
+        pooled = [_resize(branch(top), top.shape[2:]) for branch in self.ppm]
+        prev = self.ppm_out(torch.cat([top] + pooled, dim=1))
+        levels = [prev]
+        for i in range(len(pyramid) - 2, -1, -1):
+            lat = self.lateral[i](pyramid[i])
+            prev = self.fpn_out[i](lat + _resize(prev, lat.shape[2:]))
+            levels.append(prev)
+        levels.reverse()
+        size = levels[0].shape[2:]
+        return self.fuse(torch.cat([levels[0]] + [_resize(f, size) for f in levels[1:]], dim=1))
 
 
 class ResidualBlock3d(nn.Module):
-    def __init__(self, cin: int, cout: int, stride=(1, 1, 1)):
+    """Basic residual block (two 3×3×3 conv + InstanceNorm, ReLU), a 1×1×1 projection when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride=1):
         super().__init__()
-        self.conv1 = ConvNormAct3d(cin, cout, 3, stride=stride)
-        self.conv2 = nn.Sequential(nn.Conv3d(cout, cout, 3, padding=1, bias=False), group_norm(cout, 3))
-        self.skip = (nn.Identity() if cin == cout and tuple(stride) == (1, 1, 1)
-                     else nn.Sequential(nn.Conv3d(cin, cout, 1, stride=stride, bias=False), group_norm(cout, 3)))
-        self.act = nn.GELU()
+        self.conv1 = nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.conv2 = nn.Conv3d(cout, cout, 3, padding=1, bias=False)
+        self.norm1, self.norm2 = nn.InstanceNorm3d(cout), nn.InstanceNorm3d(cout)
+        self.skip = (None if stride == 1 and cin == cout else
+                     nn.Sequential(nn.Conv3d(cin, cout, 1, stride=stride, bias=False), nn.InstanceNorm3d(cout)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.conv2(self.conv1(x)) + self.skip(x))
+        identity = x if self.skip is None else self.skip(x)
+        out = self.norm2(self.conv2(F.relu(self.norm1(self.conv1(x)))))
+        return F.relu(out + identity)
 
 
 class DetailRecoveryStream(nn.Module):
-    """HRSE: a light 3D residual CNN on the raw volume giving detail features at full, 1/2 and 1/4 in-plane."""
+    """HRSE (sec. 2.3.2): stem + 5 residual blocks; detail maps at full (c0), 1/2 (c1) and 1/4 (projected) in-plane."""
 
-    def __init__(self, in_chans: int, channels: list[int]):
+    def __init__(self, in_chans: int, channels: list[int], out_channels: int):
         super().__init__()
         c0, c1, c2 = channels
-        self.at_full = ResidualBlock3d(in_chans, c0)
-        self.at_half = ResidualBlock3d(c0, c1, stride=(1, 2, 2))
-        self.at_quarter = ResidualBlock3d(c1, c2, stride=(1, 2, 2))
+        half = (1, 2, 2)
+        self.stem = nn.Sequential(nn.Conv3d(in_chans, c0, 3, padding=1, bias=False), nn.InstanceNorm3d(c0), nn.ReLU())
+        self.at_full = ResidualBlock3d(c0, c0)
+        self.at_half = nn.Sequential(ResidualBlock3d(c0, c1, half), ResidualBlock3d(c1, c1))
+        self.at_quarter = nn.Sequential(ResidualBlock3d(c1, c2, half), ResidualBlock3d(c2, c2))
+        self.proj = nn.Conv3d(c2, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        d0 = self.at_full(x)
+        d0 = self.at_full(self.stem(x))
         d1 = self.at_half(d0)
-        d2 = self.at_quarter(d1)
-        return [d0, d1, d2]
+        return [d0, d1, self.proj(self.at_quarter(d1))]
 
 
 class GatedFusion(nn.Module):
-    """Adaptive gated fusion ``f = f_sem + σ(Conv([f_sem; f_det])) ⊙ f_det``."""
+    """Adaptive gated fusion (eq. 2-3): ``f = f_sem + σ(Conv1×1([f_sem; f_det])) ⊙ f_det``."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.gate = nn.Conv3d(2 * channels, channels, 1)
 
     def forward(self, f_sem: torch.Tensor, f_det: torch.Tensor) -> torch.Tensor:
+        f_det = _resize(f_det, f_sem.shape[2:])
         return f_sem + torch.sigmoid(self.gate(torch.cat([f_sem, f_det], dim=1))) * f_det
 
 
-class UpStage3d(nn.Module):
-    """In-plane ×2 transposed convolution + norm + GELU."""
+class RefinementBlock(nn.Module):
+    """Resize the coarse map to the detail map's grid, concatenate, two 3×3×3 conv + InstanceNorm + ReLU."""
 
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin_coarse: int, cin_detail: int, cout: int):
         super().__init__()
-        self.up = nn.Sequential(nn.ConvTranspose3d(cin, cout, (1, 2, 2), stride=(1, 2, 2)), group_norm(cout, 3), nn.GELU())
+        self.conv = nn.Sequential(
+            nn.Conv3d(cin_coarse + cin_detail, cout, 3, padding=1, bias=False), nn.InstanceNorm3d(cout), nn.ReLU(),
+            nn.Conv3d(cout, cout, 3, padding=1, bias=False), nn.InstanceNorm3d(cout), nn.ReLU())
 
-    def forward(self, x):
-        return self.up(x)
+    def forward(self, coarse: torch.Tensor, detail: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([_resize(coarse, detail.shape[2:]), detail], dim=1))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -263,7 +313,8 @@ class UpStage3d(nn.Module):
 
 
 def _add_lora(backbone: nn.Module, cfg: dict) -> None:
-    """LoRA via peft on the named linear layers of every block; everything else in the backbone is frozen."""
+    """LoRA via peft on the named layers of the backbone (``proj`` also matches the patch embedding, as in the
+    official ``get_peft_model``); everything else in the backbone is frozen."""
     from peft import LoraConfig, inject_adapter_in_model
 
     for blk in backbone.blocks:
@@ -287,49 +338,52 @@ class DINOMed3D(nn.Module):
         self.stage = int(cfg["stage"])
         if self.stage not in (1, 2):
             raise DinomedError(f"dinomed3d: stage must be 1 or 2, found {cfg['stage']!r}")
-        if cfg["decoder"] not in ("upernet", "simple"):
-            raise DinomedError(f"dinomed3d: decoder must be 'upernet' or 'simple', found {cfg['decoder']!r}")
+        if cfg["decoder"] != "upernet":
+            raise DinomedError(f"dinomed3d: decoder must be 'upernet' (the paper's), found {cfg['decoder']!r}")
+        if cfg["proxy_head"] not in ("linear", "mlp"):
+            raise DinomedError(f"dinomed3d: proxy_head must be 'linear' or 'mlp', found {cfg['proxy_head']!r}")
         self.use_sem = self.stage == 1 or bool(cfg["use_semantic_stream"])
         self.use_det = self.stage == 2 and bool(cfg["use_detail_stream"])
         if not (self.use_sem or self.use_det):
             raise DinomedError("dinomed3d: use_semantic_stream and use_detail_stream cannot both be false")
         self.slice_batch = int(cfg["slice_batch"])
+        self.ice_k = int(cfg["ice_k"])
+        self.feature_norm = bool(cfg["feature_norm"])
 
         if self.use_sem:
-            backbone = make_backbone(cfg["backbone"], cfg["in_chans"], cfg.get("backbone_checkpoint"), cfg["drop_path_rate"])
-            self.ice = InterSliceContextEmbedding(backbone.patch_embed.proj, int(cfg["ice_k"]))
-            backbone.patch_embed = nn.Identity()  # the ICE replaces the 2D patch embedding
-            self.backbone = backbone
-            self.layers = aggregation_layers(backbone, cfg["layers"])
-            embed = backbone.embed_dim
+            self.backbone = _ice_backbone(cfg)
+            self.layers = aggregation_layers(self.backbone, cfg["layers"])
+            embed = self.backbone.embed_dim
             if self.stage == 2 and cfg.get("stage1_checkpoint"):
                 self._load_stage1(cfg["stage1_checkpoint"])
 
         if self.stage == 1:
-            self.proxy_head = ProxySegmentationHead(embed * len(self.layers), int(cfg["proxy_hidden"]), self.num_classes)
+            self.proxy_kind = cfg["proxy_head"]
+            self.proxy_layers = (self.layers[-1],) if self.proxy_kind == "linear" else self.layers
+            self.proxy_head = (LinearProxyHead(embed, self.num_classes) if self.proxy_kind == "linear" else
+                               MLPProxyHead(embed * len(self.layers), int(cfg["proxy_hidden"]), self.num_classes))
             return
 
+        width = int(cfg["adapter_channels"])
         dch = list(cfg["detail_channels"])
-        if len(dch) != 3:
-            raise DinomedError(f"dinomed3d: detail_channels needs 3 widths (full, 1/2, 1/4), found {dch}")
+        rch = list(cfg["refine_channels"])
+        if len(dch) != 3 or len(rch) != 2:
+            raise DinomedError(f"dinomed3d: detail_channels needs 3 widths (full, 1/2, 1/4) and refine_channels 2 "
+                               f"(1/2, full), found {dch} and {rch}")
         if self.use_sem:
+            if len(self.layers) != 4:
+                raise DinomedError(f"dinomed3d: stage II needs 4 aggregation layers, found {len(self.layers)}")
             _add_lora(self.backbone, cfg)
-            freeze(self.ice)
-            adapter = list(cfg["adapter_channels"])
-            if len(adapter) != 4 or len(self.layers) != 4:
-                raise DinomedError(f"dinomed3d: stage II needs 4 aggregation layers and 4 adapter_channels, found "
-                                   f"{len(self.layers)} and {adapter}")
-            self.adapter = VolumetricAdapter(embed, adapter)
-            dec = int(cfg["decoder_channels"])
-            self.decoder = (UperNet3D(adapter, dec, list(cfg["ppm_bins"])) if cfg["decoder"] == "upernet"
-                            else SimpleDecoder3D(adapter, dec))
-            self.sem_proj = ConvNormAct3d(dec, dch[2], 1)
+            self.adapter = VolumetricAdapter(embed, width)
+            self.decoder = UperNet3D(width, int(cfg["decoder_channels"]), list(cfg["ppm_bins"]),
+                                     None if self.use_det else self.num_classes)
+            if self.use_det:
+                self.fusion = GatedFusion(width)
         if self.use_det:
-            self.detail = DetailRecoveryStream(cfg["in_chans"], dch)
-            self.fusions = nn.ModuleList(GatedFusion(c) for c in (dch[2], dch[1], dch[0]))
-        self.ups = nn.ModuleList([UpStage3d(dch[2], dch[1]), UpStage3d(dch[1], dch[0])])
-        self.refine = nn.ModuleList(ConvNormAct3d(c, c, 3) for c in (dch[1], dch[0]))
-        self.classifier = nn.Conv3d(dch[0], self.num_classes, 1)
+            self.detail = DetailRecoveryStream(cfg["in_chans"], dch, width)
+            coarse = int(cfg["decoder_channels"]) if self.use_sem else width
+            self.refine = nn.ModuleList([RefinementBlock(coarse, dch[1], rch[0]), RefinementBlock(rch[0], dch[0], rch[1])])
+            self.classifier = nn.Conv3d(rch[1], self.num_classes, 1)
 
     # -- stage I → II -------------------------------------------------------------------------------------
     def _load_stage1(self, path) -> None:
@@ -341,7 +395,6 @@ class DINOMed3D(nn.Module):
             raise CheckpointError(f"{path}: no stage-I model (expected a model folder with model.safetensors)")
         state = load_file(str(file))
         own = {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
-        own.update({f"ice.{k}": v for k, v in self.ice.state_dict().items()})
         missing = sorted(k for k in own if k not in state)
         if missing:
             raise CheckpointError(f"{file}: not a stage-I DINO-Med3D model of this size: {len(missing)} tensor(s) missing, "
@@ -349,73 +402,70 @@ class DINOMed3D(nn.Module):
         for key, value in own.items():
             if tuple(state[key].shape) != tuple(value.shape):
                 raise CheckpointError(f"{file}: tensor {key} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}")
-        self.backbone.load_state_dict({k[len("backbone."):]: state[k] for k in own if k.startswith("backbone.")})
-        self.ice.load_state_dict({k[len("ice."):]: state[k] for k in own if k.startswith("ice.")})
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.stage == 2 and self.use_sem:
-            self.ice.eval()  # frozen parts behave the same in training and inference
-        return self
+        self.backbone.load_state_dict({k[len("backbone."):]: state[k] for k in own})
 
     # -- the semantic stream ------------------------------------------------------------------------------
-    def slice_features(self, volume: torch.Tensor) -> list[torch.Tensor]:
-        """ICE + ViT on every slice (each with its K-slab): per layer, a pseudo-3D volume ``(B, E, D, h, w)``."""
-        b, _, d = volume.shape[:3]
-        tokens = self.ice(volume)  # (B*D, h, w, E)
-        hw = tokens.shape[1:3]
-        per_layer: list[list[torch.Tensor]] = [[] for _ in self.layers]
-        for start in range(0, tokens.shape[0], self.slice_batch):
-            x, rope = embed_tokens(self.backbone, tokens[start:start + self.slice_batch])
-            for i, f in enumerate(run_blocks(self.backbone, x, rope, hw, self.layers)):
+    def _slice_tokens(self, slices: torch.Tensor, layers) -> list[torch.Tensor]:
+        """``(N, K*C, H, W)`` slabs → per layer ``(N, E, H/16, W/16)``, in chunks of ``slice_batch`` slices."""
+        per_layer: list[list[torch.Tensor]] = [[] for _ in layers]
+        for start in range(0, slices.shape[0], self.slice_batch):
+            tokens = self.backbone.patch_embed(slices[start:start + self.slice_batch])  # the ICE: (n, h, w, E)
+            x, rope = embed_tokens(self.backbone, tokens)
+            for i, f in enumerate(run_blocks(self.backbone, x, rope, tokens.shape[1:3], layers, norm=self.feature_norm)):
                 per_layer[i].append(f)
+        return [torch.cat(chunks, dim=0) for chunks in per_layer]
+
+    def slice_features(self, volume: torch.Tensor) -> list[torch.Tensor]:
+        """ICE + ViT on every slice's K-slab: per aggregated layer, a pseudo-3D volume ``(B, E, D, h, w)``."""
+        b, _, d = volume.shape[:3]
         out = []
-        for chunks in per_layer:
-            f = torch.cat(chunks, dim=0)  # (B*D, E, h, w)
+        for f in self._slice_tokens(slabs(volume, self.ice_k), self.layers):
             out.append(f.reshape(b, d, *f.shape[1:]).permute(0, 2, 1, 3, 4))
         return out
 
+    def _proxy(self, slab_channels: torch.Tensor) -> torch.Tensor:
+        feats = self._slice_tokens(slab_channels, self.proxy_layers)
+        return self.proxy_head(torch.cat(feats, dim=1), slab_channels.shape[-2:])
+
     def forward_central(self, slab: torch.Tensor) -> torch.Tensor:
-        """Stage I on one K-slice slab ``(B, C, K, H, W)`` → logits of its central slice ``(B, nc, H, W)``."""
+        """Stage I on one K-slice slab ``(B, C, K, H, W)`` → logits of its centre slice ``(B, nc, H, W)`` (the
+        slice at offset 0 of :func:`slab_offsets`)."""
         if self.stage != 1:
             raise DinomedError("dinomed3d: forward_central is the stage-I proxy task; this model is stage II")
         check_input(slab, 5, self.in_chans, "dinomed3d")
-        if slab.shape[2] != self.ice.k:
-            raise DinomedError(f"dinomed3d: a stage-I slab has ice_k={self.ice.k} slices, found {slab.shape[2]}")
+        if slab.shape[2] != self.ice_k:
+            raise DinomedError(f"dinomed3d: a stage-I slab has ice_k={self.ice_k} slices, found {slab.shape[2]}")
         h, w = slab.shape[-2:]
         slab, _ = pad_to_patch(slab)
-        tokens = self.ice.forward_slab(slab)
-        x, rope = embed_tokens(self.backbone, tokens)
-        feats = run_blocks(self.backbone, x, rope, tokens.shape[1:3], self.layers)
-        return self.proxy_head(torch.cat(feats, dim=1))[..., :h, :w]
+        b, c, k = slab.shape[:3]
+        channels = slab.permute(0, 2, 1, 3, 4).reshape(b, k * c, *slab.shape[-2:])
+        return self._proxy(channels)[..., :h, :w]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, 5, self.in_chans, "dinomed3d")
         b, _, d, h, w = x.shape
         xp, _ = pad_to_patch(x)
         if self.stage == 1:
-            feats = self.slice_features(xp)
-            flat = torch.cat([f.permute(0, 2, 1, 3, 4).reshape(b * d, *f.shape[1:2], *f.shape[3:]) for f in feats], 1)
-            logits = self.proxy_head(flat)  # (B*D, nc, H, W)
+            logits = self._proxy(slabs(xp, self.ice_k))  # (B*D, nc, H, W)
             logits = logits.reshape(b, d, *logits.shape[1:]).permute(0, 2, 1, 3, 4)
             return logits[..., :h, :w]
 
-        det = self.detail(xp) if self.use_det else None  # full, 1/2, 1/4
+        det = self.detail(xp) if self.use_det else None  # full, 1/2, 1/4 (projected)
         if self.use_sem:
             pyramid = self.adapter(self.slice_features(xp))
-            f = self.sem_proj(self.decoder(pyramid))  # 1/4 in-plane
-        else:
-            f = torch.zeros_like(det[2])
-        if self.use_det:
-            f = self.fusions[0](f, det[2])
-        for i in range(2):
-            f = self.refine[i](self.ups[i](f))
             if self.use_det:
-                f = self.fusions[i + 1](f, det[1 - i])
+                pyramid[0] = self.fusion(pyramid[0], det[2])  # the gate: once, at 1/4, before the UperNet
+            f = self.decoder(pyramid)
+            if not self.use_det:
+                return _resize(self.decoder.cls(f), xp.shape[2:])[..., :h, :w]
+        else:
+            f = det[2]
+        f = self.refine[0](f, det[1])
+        f = self.refine[1](f, det[0])
         return self.classifier(f)[..., :h, :w]
 
 
 @register_model("dinomed3d", defaults=DEFAULTS, spatial_dims=3,
-                summary="DINO-Med3D: ICE, stage I proxy head / stage II LoRA + 3D adapter + HRSE + gated fusion + 3D UperNet")
+                summary="DINO-Med3D: ICE, stage I proxy head / stage II LoRA + 3D adapter + HRSE + gate at 1/4 + 3D UperNet + refinement")
 def build_dinomed3d(cfg: dict, load_checkpoints: bool = True) -> nn.Module:
     return DINOMed3D(cfg)

@@ -1,24 +1,44 @@
 """MedDINOv3: a plain DINOv3 ViT with multi-scale token aggregation and a light upsampling decoder (2D).
 
 Li et al., "MedDINOv3: How to adapt vision foundation models for medical image segmentation?",
-arXiv:2509.02379, sec. 3 (revisiting plain ViTs for segmentation): instead of the last block only, the patch
-tokens of four evenly spaced blocks (2, 5, 8, 11 of ViT-B) are taken, each normalised (the backbone's LayerNorm,
-as DINOv3's ``get_intermediate_layers(norm=True)``) and concatenated along channels; a lightweight
-progressive-upsampling decoder (×2 transposed convolutions with normalisation and GELU) brings the 1/16 token
-map back to full resolution. Its high-resolution setting (e.g. 896² slices) needs nothing special here: RoPE
-makes the backbone size-agnostic, and any H, W is accepted (zero-padded to multiples of 16, logits cropped
-back).
+arXiv:2509.02379, sec. 3 (revisiting plain ViTs) and Fig. 2c, built as the official code builds it
+(github.com/ricklisz/MedDINOv3, ``nnUNet/.../dinov3/models/primus.py``: ``Primus_Multiscale`` with
+``PatchDecode``, trained by ``meddinov3_base_primus_multiscale_Trainer``):
+
+* the patch tokens of four evenly spaced blocks (``interaction_indices`` 2, 5, 8, 11 of ViT-B), each normalised by
+  the backbone's final LayerNorm (DINOv3 ``get_intermediate_layers(norm=True)``), concatenated along channels
+  (4·width);
+* ``PatchDecode``: log2(16) = 4 stages of [ConvTranspose 2×2, stride 2 → LayerNorm over channels → GELU], the
+  channels halving from 4·width (3072 → 1536 → 768 → 384 → 192 for ViT-B), then a 1×1 convolution to the classes;
+  weights He-initialised (``InitWeights_He(1e-2)``), biases zero. ~25.1 M parameters for ViT-B.
+* a grey CT slice is fed to the RGB patch embedding by repetition (``x.repeat(1, 3, 1, 1)``), i.e. the summed
+  kernel, which is what :func:`dinomed.backbones.load_backbone` gives a 1-channel model.
+
+High-resolution training (the paper's main lever: slices at 896², spacing rescaled) is a preprocessing setting,
+not an architecture one: ``preprocessing.input_scale`` / ``target_spacing`` of the finetuning recipe, recorded in
+model.json and applied by ``dinomed segment``. RoPE makes the backbone size-agnostic; any H, W is accepted
+(zero-padded to multiples of 16, logits cropped back).
 
 Config (``architecture`` of model.json): ``backbone``, ``in_chans``, ``num_classes``, ``layers`` (null: four
-evenly spaced), ``decoder_channels`` (4 widths, one per ×2 stage), ``drop_path_rate``, ``backbone_checkpoint``
+evenly spaced), ``decoder``, ``drop_path_rate`` (official 0.2, set in the recipe), ``backbone_checkpoint``
 (initialises the encoder; not needed to load a model folder), ``freeze_backbone``.
+
+Named option ``decoder: progressive`` (with ``decoder_channels``, 4 widths): our earlier light decoder, a 1×1
+projection to ``decoder_channels[0]`` then four ×2 stages of [transposed conv + GroupNorm + GELU, 3×3 conv +
+GroupNorm + GELU]. It has ~2 M parameters instead of ~25 M at ViT-B and a 3×3 refinement per scale, which suits
+small models and CPU training (the bundled demo models use it). A model.json written before ``decoder`` existed
+names ``decoder_channels`` only and is read as ``progressive``, the decoder it was trained with.
 Input ``(B, C, H, W)``; output logits ``(B, num_classes, H, W)``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+from timm.layers import LayerNorm2d
 from torch import nn
 
+from ..errors import DinomedError
 from .common import (ProgressiveUpsamplingDecoder, aggregation_layers, check_input, freeze, make_backbone,
                      pad_to_patch, vit_features)
 from .registry import register_model
@@ -28,15 +48,44 @@ DEFAULTS = {
     "in_chans": 1,
     "num_classes": None,
     "layers": None,
-    "decoder_channels": [256, 128, 64, 32],
+    "decoder": "patch_decode",
+    "decoder_channels": [256, 128, 64, 32],  # decoder: progressive only
     "drop_path_rate": 0.0,
     "freeze_backbone": False,
-    "high_res": False,  # informational: trained at high resolution (e.g. 896²); the model accepts any size
 }
 
 
+class PatchDecode(nn.Module):
+    """Official MedDINOv3 decoder: log2(patch) × [ConvTranspose 2×2 → LayerNorm (channels) → GELU], channels halving
+    from ``in_channels``, then a 1×1 convolution to ``num_classes``."""
+
+    def __init__(self, in_channels: int, num_classes: int, patch: int = 16):
+        super().__init__()
+        n = int(math.log2(patch))
+        if 2 ** n != patch:
+            raise DinomedError(f"meddinov3: the patch size must be a power of 2, found {patch}")
+        ch = [in_channels]
+        for _ in range(n):
+            ch.append(ch[-1] // 2)
+        self.stages = nn.ModuleList(
+            nn.Sequential(nn.ConvTranspose2d(ch[i], ch[i + 1], 2, stride=2), LayerNorm2d(ch[i + 1], eps=1e-6), nn.GELU())
+            for i in range(n))
+        self.classifier = nn.Conv2d(ch[-1], num_classes, 1)
+        self.channels = ch
+        for m in self.modules():  # nnU-Net's InitWeights_He(1e-2)
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(m.weight, a=1e-2)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            x = stage(x)
+        return self.classifier(x)
+
+
 class MedDINOv3(nn.Module):
-    """DINOv3 ViT encoder → four normalised intermediate token maps, concatenated → progressive upsampling."""
+    """DINOv3 ViT encoder → four normalised intermediate token maps, concatenated → PatchDecode."""
 
     spatial_dims = 2
 
@@ -47,8 +96,14 @@ class MedDINOv3(nn.Module):
         self.backbone = make_backbone(cfg["backbone"], cfg["in_chans"], cfg.get("backbone_checkpoint"),
                                       cfg["drop_path_rate"])
         self.layers = aggregation_layers(self.backbone, cfg["layers"])
-        width = self.backbone.embed_dim
-        self.decoder = ProgressiveUpsamplingDecoder(width * len(self.layers), cfg["num_classes"], cfg["decoder_channels"])
+        width = self.backbone.embed_dim * len(self.layers)
+        if cfg["decoder"] == "patch_decode":
+            self.decoder = PatchDecode(width, cfg["num_classes"])
+        elif cfg["decoder"] == "progressive":
+            self.decoder = ProgressiveUpsamplingDecoder(width, cfg["num_classes"], cfg["decoder_channels"])
+        else:
+            raise DinomedError(f"meddinov3: decoder must be 'patch_decode' (the paper's) or 'progressive', "
+                               f"found {cfg['decoder']!r}")
         if cfg["freeze_backbone"]:
             freeze(self.backbone)
 
@@ -65,7 +120,16 @@ class MedDINOv3(nn.Module):
         return logits[..., :h, :w]
 
 
-@register_model("meddinov3", defaults=DEFAULTS, spatial_dims=2,
-                summary="MedDINOv3 (2D): multi-scale token aggregation + progressive upsampling decoder")
+def upgrade_meddinov3(arch: dict) -> dict:
+    """A model.json from before ``decoder`` existed (it names ``decoder_channels``, and the old informational
+    ``high_res`` flag) was trained with the progressive decoder: say so explicitly."""
+    if "decoder" not in arch and "decoder_channels" in arch:
+        arch["decoder"] = "progressive"
+    arch.pop("high_res", None)
+    return arch
+
+
+@register_model("meddinov3", defaults=DEFAULTS, spatial_dims=2, upgrade=upgrade_meddinov3,
+                summary="MedDINOv3 (2D): multi-scale token aggregation + PatchDecode (official)")
 def build_meddinov3(cfg: dict, load_checkpoints: bool = True) -> nn.Module:
     return MedDINOv3(cfg)

@@ -39,19 +39,23 @@ class ModelEntry:
     inference_mode: str  # "slicewise2d" or "sliding3d" (model.json inference.mode)
     summary: str = ""
     required: tuple[str, ...] = field(default=("num_classes",))
+    # maps an architecture written by an earlier dinomed (e.g. before a default changed) to the same model in
+    # today's keys, so that old model folders keep loading as what they were trained as
+    upgrade: Callable[[dict], dict] | None = None
 
 
 MODEL_REGISTRY: dict[str, ModelEntry] = {}
 
 
 def register_model(name: str, *, defaults: dict, spatial_dims: int, summary: str = "",
-                   required: tuple[str, ...] = ("num_classes",)):
+                   required: tuple[str, ...] = ("num_classes",), upgrade: Callable[[dict], dict] | None = None):
     """Class/function decorator: ``builder(config, load_checkpoints)`` becomes buildable as ``name``."""
 
     def wrap(builder):
         MODEL_REGISTRY[name] = ModelEntry(
             name=name, builder=builder, defaults=dict(defaults), spatial_dims=spatial_dims,
             inference_mode="slicewise2d" if spatial_dims == 2 else "sliding3d", summary=summary, required=required,
+            upgrade=upgrade,
         )
         return builder
 
@@ -180,7 +184,8 @@ def model_json_template(
     if len(inputs) != in_chans:
         raise DinomedError(f"model_json_template: {len(inputs)} input(s) given for a model with {in_chans} channel(s)")
     if preprocessing is None:
-        preprocessing = {"target_spacing": None, "channels": [default_spec(i["modality"]) for i in inputs]}
+        preprocessing = {"target_spacing": None, "input_scale": 1.0,
+                         "channels": [default_spec(i["modality"]) for i in inputs]}
     if inference is None:
         inference = {}
     if entry.inference_mode == "slicewise2d":
@@ -268,6 +273,17 @@ def read_model_json(folder: str | Path) -> dict:
         raise DinomedError(f"{path}: format {fmt!r} is not supported; expected {MODEL_FORMAT!r}")
     if not isinstance(model_json.get("architecture"), dict):
         raise DinomedError(f"{path}: no 'architecture' object (expected e.g. {{\"name\": \"meddinov3\", …}})")
+    return upgrade_model_json(model_json)
+
+
+def upgrade_model_json(model_json: dict) -> dict:
+    """A model.json written before a model's default changed names the variant it was trained as explicitly
+    (each model's ``upgrade``: e.g. a MedDINOv3 from before ``decoder`` existed is ``decoder: progressive``)."""
+    arch = model_json.get("architecture")
+    if isinstance(arch, dict) and arch.get("name") in available_models():
+        entry = MODEL_REGISTRY[arch["name"]]
+        if entry.upgrade is not None:
+            model_json = dict(model_json, architecture=entry.upgrade(copy.deepcopy(arch)))
     return model_json
 
 

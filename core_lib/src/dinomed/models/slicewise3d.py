@@ -11,10 +11,18 @@ What is here:
 
 ``slicewise3d`` (3D, ``sliding3d`` inference)
     ``head: "decoder"`` (default): the normalised patch tokens of four evenly spaced blocks are concatenated per
-    slice and stacked into ``(B, 4C, D, H/16, W/16)``; the decoder upsamples in-plane ×2 four times with
-    ``(1,2,2)`` transposed 3D convolutions, each stage concatenating a skip connection from a small 3D CNN on
-    the input at that resolution (full, 1/2, 1/4, 1/8 in-plane) followed by a 3×3×3 convolution, so that depth
-    context is mixed at every scale. ``head: "linear"``: the linear probe applied slice by slice (below).
+    slice and stacked into ``(B, 4C, D, H/16, W/16)``; the decoder (sec. 3.3: "3D convolutional layers with skip
+    connections to progressively upsample features to the original volume resolution") upsamples in-plane ×2 four
+    times with ``(1,2,2)`` transposed 3D convolutions followed by a 3×3×3 convolution (depth context mixed at every
+    scale). Its skip connections come from the **frozen features alone**: the three earlier aggregated blocks, each
+    projected by a 1×1×1 convolution and trilinearly resized to the 1/8, 1/4 and 1/2 stages (deepest-first, as
+    UNETR pairs its encoder depths with decoder scales), so the baseline measures what the frozen DINOv3 features
+    carry. The paper names neither the skip source nor the widths; these are our choices, stated here.
+    Named option ``input_skips: true``: our earlier decoder, whose skips at full, 1/2, 1/4, 1/8 in-plane come from
+    a small trainable 3D CNN on the raw image (``skip_channels``): sharper boundaries, but the "frozen DINOv3"
+    number then also measures that CNN. Model folders from before this option existed were trained with it, and
+    are read as ``input_skips: true``.
+    ``head: "linear"``: the linear probe applied slice by slice (below).
 ``linear_probe`` (2D, ``slicewise2d`` inference)
     A 1×1 convolution (a linear classifier per patch token) on the frozen, normalised patch tokens of
     ``layers`` (default: the last block), bilinearly upsampled to the input's resolution.
@@ -39,7 +47,9 @@ COMMON = {
     "freeze_backbone": True,
     "slice_batch": 32,  # slices per backbone call, to bound memory on long volumes
 }
-DEFAULTS_3D = {**COMMON, "head": "decoder", "decoder_channels": [128, 64, 32, 16], "skip_channels": [16, 32, 64, 128]}
+DEFAULTS_3D = {**COMMON, "head": "decoder", "decoder_channels": [128, 64, 32, 16],
+               "input_skips": False,  # named option: trainable raw-image CNN skips (see the module docstring)
+               "skip_channels": [16, 32, 64, 128]}  # input_skips only: CNN widths at full, 1/2, 1/4, 1/8 in-plane
 DEFAULTS_LINEAR = {**COMMON, "layers": [-1]}
 
 
@@ -135,29 +145,50 @@ class InputSkipEncoder(nn.Module):
 
 
 class PseudoVolumeDecoder(nn.Module):
-    """Light 3D decoder: 1/16 pseudo-3D features → four (1,2,2) upsampling stages with input skips → logits."""
+    """Light 3D decoder: 1/16 pseudo-3D features → four (1,2,2) upsampling stages with skips → logits.
 
-    def __init__(self, in_channels: int, in_chans: int, num_classes: int, channels: list[int], skip_channels: list[int]):
+    Skips from the frozen features (default: ``embed_dim``-wide token maps of the earlier blocks, projected to each
+    stage's width and resized) or, with ``input_skips``, from a small 3D CNN on the image."""
+
+    def __init__(self, in_channels: int, in_chans: int, num_classes: int, channels: list[int], skip_channels: list[int],
+                 input_skips: bool = False, embed_dim: int | None = None, num_layers: int = 4):
         super().__init__()
         if len(channels) != 4 or len(skip_channels) != 4:
             raise ValueError("decoder_channels and skip_channels need 4 widths each")
-        self.skips = InputSkipEncoder(in_chans, skip_channels)
+        self.input_skips = input_skips
+        if input_skips:
+            self.skips = InputSkipEncoder(in_chans, skip_channels)
+            skip_widths = [skip_channels[3 - i] for i in range(4)]
+        else:
+            # stage i (1/8, 1/4, 1/2) takes block layers[-2 - i]; the full-resolution stage has no feature skip
+            n_skips = min(3, num_layers - 1)
+            self.feature_skips = nn.ModuleList(ConvNormAct3d(embed_dim, channels[i], 1) for i in range(n_skips))
+            skip_widths = [channels[i] if i < n_skips else 0 for i in range(4)]
         self.proj = ConvNormAct3d(in_channels, channels[0], 1)
         self.ups = nn.ModuleList()
         self.fuse = nn.ModuleList()
         cin = channels[0]
         for i, c in enumerate(channels):
             self.ups.append(nn.Sequential(nn.ConvTranspose3d(cin, c, (1, 2, 2), stride=(1, 2, 2)), group_norm(c), nn.GELU()))
-            skip_c = skip_channels[3 - i]
-            self.fuse.append(ConvNormAct3d(c + skip_c, c, 3))
+            self.fuse.append(ConvNormAct3d(c + skip_widths[i], c, 3))
             cin = c
         self.classifier = nn.Conv3d(channels[-1], num_classes, 1)
 
-    def forward(self, feats: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        skips = self.skips(image)[::-1]  # 1/8, 1/4, 1/2, full
+    def forward(self, feats: torch.Tensor, image: torch.Tensor, layer_feats: list[torch.Tensor] | None = None) -> torch.Tensor:
         x = self.proj(feats)
+        if self.input_skips:
+            skips = self.skips(image)[::-1]  # 1/8, 1/4, 1/2, full
+        else:
+            skips = [None] * 4
+            for i, proj in enumerate(self.feature_skips):
+                skips[i] = proj(layer_feats[-2 - i])  # at 1/16; resized to the stage below
         for up, fuse, skip in zip(self.ups, self.fuse, skips):
-            x = fuse(torch.cat([up(x), skip], dim=1))
+            x = up(x)
+            if skip is not None:
+                if skip.shape[2:] != x.shape[2:]:
+                    skip = F.interpolate(skip, size=x.shape[2:], mode="trilinear", align_corners=False)
+                x = torch.cat([x, skip], dim=1)
+            x = fuse(x)
         return self.classifier(x)
 
 
@@ -175,7 +206,10 @@ class SlicewiseFrozen3D(nn.Module):
         elif self.head_kind == "decoder":
             self.encoder = FrozenSliceEncoder(cfg, default_layers=None)
             self.decoder = PseudoVolumeDecoder(self.encoder.out_channels, cfg["in_chans"], cfg["num_classes"],
-                                               list(cfg["decoder_channels"]), list(cfg["skip_channels"]))
+                                               list(cfg["decoder_channels"]), list(cfg["skip_channels"]),
+                                               input_skips=bool(cfg["input_skips"]),
+                                               embed_dim=self.encoder.backbone.embed_dim,
+                                               num_layers=len(self.encoder.layers))
         else:
             from ..errors import DinomedError
 
@@ -193,10 +227,18 @@ class SlicewiseFrozen3D(nn.Module):
             return slices_to_volume(self.probe.forward_slices(volume_to_slices(x)), b, d)
         xp, _ = pad_to_patch(x)
         feats = slices_to_volume(self.encoder(volume_to_slices(xp)), b, d)  # (B, C_feat, D, H/16, W/16)
-        return self.decoder(feats, xp)[..., :h, :w]
+        layer_feats = list(torch.chunk(feats, len(self.encoder.layers), dim=1))  # per block, in layer order
+        return self.decoder(feats, xp, layer_feats)[..., :h, :w]
 
 
-@register_model("slicewise3d", defaults=DEFAULTS_3D, spatial_dims=3,
+def upgrade_slicewise3d(arch: dict) -> dict:
+    """A model.json from before ``input_skips`` existed was trained with the raw-image CNN skips."""
+    if "input_skips" not in arch and "skip_channels" in arch:
+        arch["input_skips"] = True
+    return arch
+
+
+@register_model("slicewise3d", defaults=DEFAULTS_3D, spatial_dims=3, upgrade=upgrade_slicewise3d,
                 summary="frozen DINOv3 slice-wise features, pseudo-3D volume, light 3D decoder (head: linear = linear probe)")
 def build_slicewise3d(cfg: dict, load_checkpoints: bool = True) -> nn.Module:
     return SlicewiseFrozen3D(cfg)

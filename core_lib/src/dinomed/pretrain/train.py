@@ -24,7 +24,7 @@ from ..atomic import atomic_write_text
 from ..backbones import create_backbone, load_backbone
 from ..errors import DinomedError
 from ..events import EventWriter
-from ..runtime import DistInfo, init_distributed
+from ..runtime import DistInfo, StopRequest, init_distributed
 from . import checkpoint as ckpt
 from .config import dump_config
 from .crops import MultiCropAugmentation, MultiCropConfig
@@ -35,6 +35,7 @@ from .schedules import lr_scale, schedule_from_config
 from .tokens import add_mask_token
 
 log = logging.getLogger(__name__)
+STATUS_FILE = "status.json"  # the run at its last checkpoint, for front-ends (no torch needed to read it)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,18 +189,22 @@ def pretrain(cfg: dict, data_dir: str | Path, run_dir: str | Path, events: Event
 
     ``stop_after`` ends the run after that many iterations of this call (a checkpoint is written), as if it
     had been interrupted; ``resume=True`` then continues exactly.
+    SIGTERM and SIGINT end the run the same way at the next iteration, on every rank at the same iteration
+    (``summary["stopped"]``); ``dinomed pretrain`` then exits with :data:`~dinomed.errors.EXIT_STOPPED`.
     """
     events = events or EventWriter(enabled=False, quiet=True)
     run_dir = Path(run_dir)
     env, device = init_distributed(cfg["train"]["device"])
     try:
-        return _pretrain(cfg, Path(data_dir), run_dir, events, resume, stop_after, env, device)
+        with StopRequest() as stop:  # a stop asked for during the set-up takes effect after the first iteration
+            return _pretrain(cfg, Path(data_dir), run_dir, events, resume, stop_after, env, device, stop)
     finally:
         if env.initialised_here:
             dist.destroy_process_group()
 
 
-def _pretrain(cfg, data_dir, run_dir, events, resume, stop_after, env: DistInfo, device: torch.device) -> dict:
+def _pretrain(cfg, data_dir, run_dir, events, resume, stop_after, env: DistInfo, device: torch.device,
+              stop: StopRequest) -> dict:
     train = cfg["train"]
     if not resume and (run_dir / ckpt.CHECKPOINT).exists():
         raise DinomedError(f"--out {run_dir} already holds a run ({ckpt.CHECKPOINT}); pass --resume to continue it "
@@ -312,12 +317,19 @@ def _pretrain(cfg, data_dir, run_dir, events, resume, stop_after, env: DistInfo,
             if step % int(train["log_every"]) == 0 or step == end or step == start + 1:
                 events.metric(**record)
             events.progress(step, total, "iterations")
-        if step % period == 0 or step == end:
-            _save(run_dir, meta, optimizer, step, gram_updates, unreadable, env, cfg, events)
+        stop_now = step < end and stop.agree(env, device)  # one all-reduce: every rank stops at this step
+        if step % period == 0 or step == end or stop_now:
+            _save(run_dir, meta, optimizer, step, gram_updates, unreadable, env, cfg, events, total, data_dir)
+        if stop_now:
+            end = step
+            if env.main:
+                events.log(f"stopped at iteration {step} ({stop.signal_name}); continue with --resume")
+            break
 
     if env.main:
         events.log(f"{len(unreadable)} unreadable file(s) skipped" if unreadable else "no unreadable files")
     return {"metrics": last_metrics, "unreadable": unreadable, "iterations": end, "total": total,
+            "stopped": end < total,
             "checkpoint": str(run_dir / ckpt.CHECKPOINT), "teacher_checkpoint": str(run_dir / ckpt.TEACHER_CHECKPOINT),
             "volumes": len(scan.volumes)}
 
@@ -340,7 +352,8 @@ def _warn_dead_start(cfg: dict, recent_entropy, step: int, events: EventWriter) 
             "(schedules.lr.peak, e.g. 2e-4) let small runs leave this state; see the README's pretraining section")
 
 
-def _save(run_dir, meta, optimizer, step, gram_updates, unreadable, env: DistInfo, cfg, events) -> None:
+def _save(run_dir, meta, optimizer, step, gram_updates, unreadable, env: DistInfo, cfg, events, total: int,
+          data_dir) -> None:
     rng = ckpt.rng_state()
     if env.world_size > 1:  # every process's RNG streams (drop-path) are kept, rank-indexed
         gathered: list = [None] * env.world_size
@@ -357,5 +370,9 @@ def _save(run_dir, meta, optimizer, step, gram_updates, unreadable, env: DistInf
         payload["gram_teacher"] = meta.gram_teacher.state_dict()
     path = ckpt.save_run_checkpoint(run_dir, payload)
     teacher_path = ckpt.save_teacher_checkpoint(run_dir, meta.teacher, step)
+    atomic_write_text(run_dir / STATUS_FILE, json.dumps({
+        "format": "dinomed-run-status/1", "kind": "pretrain", "stage": int(cfg["stage"]), "step": step,
+        "total": total, "finished": step >= total, "config": str((run_dir / "config.yaml").resolve()),
+        "data": str(Path(data_dir).resolve()), "modality": cfg["modality"], "arch": cfg["student"]["arch"]}, indent=1))
     events.artifact("checkpoint", str(path), step=step)
     events.artifact("teacher_checkpoint", str(teacher_path), step=step)

@@ -139,26 +139,45 @@ def write_nnunet_dataset(
     seeds: Iterable[int],
     shape: tuple[int, int, int] = (64, 128, 128),
     progress: Callable[[int, int, str], None] | None = None,
+    lesion_free_fraction: float = 0.0,
+    classification_csv: bool = False,
     **phantom_kwargs,
 ) -> Path:
     """Write one phantom per seed as an nnU-Net raw dataset (CT ``_0000``, PET on the CT grid ``_0001``,
     labels) with its ``dataset.json``; returns the path of ``dataset.json``. ``progress(done, total, msg)``
-    is called after each case."""
+    is called after each case.
+
+    For the classification task (``dinomed classify``): ``lesion_free_fraction`` draws about that fraction of
+    the cases without lesions (decided per seed, :func:`~dinomed.synthetic.classification.lesion_free`; the
+    other cases are the same phantoms as without it), and ``classification_csv`` also writes
+    ``classification.csv`` (case, patient, one 0/1 column per label of
+    :func:`~dinomed.synthetic.classification.classification_labels`)."""
+    from .classification import CLASSIFICATION_LABELS, classification_labels, lesion_free
+
     from ..petct import resample_to_reference
 
     out_dir = Path(out_dir)
     seeds = [int(s) for s in seeds]
     (out_dir / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out_dir / "labelsTr").mkdir(parents=True, exist_ok=True)
+    rows = []
     for done, seed in enumerate(seeds, start=1):
-        phantom = make_phantom(seed, shape=shape, **phantom_kwargs)
+        kwargs = dict(phantom_kwargs)
+        if lesion_free(seed, lesion_free_fraction):
+            kwargs["n_lesions"] = 0
+        phantom = make_phantom(seed, shape=shape, **kwargs)
         case = f"case_{seed:04d}"
+        rows.append({"case": case, "patient": case, **classification_labels(phantom)})
         pet_on_ct = resample_to_reference(phantom.pet, phantom.ct, "linear", 0.0, "PET", "CT")
         write_image(phantom.ct, out_dir / "imagesTr" / f"{case}_0000.nii.gz")
         write_image(pet_on_ct, out_dir / "imagesTr" / f"{case}_0001.nii.gz")
         write_image(phantom.labels, out_dir / "labelsTr" / f"{case}.nii.gz")
         if progress is not None:
             progress(done, len(seeds), "phantoms")
+    if classification_csv:
+        columns = ["case", "patient", *CLASSIFICATION_LABELS]
+        lines = [",".join(columns)] + [",".join(str(row[c]) for c in columns) for row in rows]
+        atomic_write_text(out_dir / "classification.csv", "\n".join(lines) + "\n")
     path = out_dir / "dataset.json"
     atomic_write_text(path, json.dumps(_dataset_json(len(seeds)), indent=2))
     return path

@@ -44,7 +44,9 @@ from trame_slicer.rca_view import register_rca_factories  # noqa: E402
 from DINOSegLib import display, features, lesions, training_set  # noqa: E402
 from DINOSegLib.jobs import Job, JobState  # noqa: E402
 from DINOSegLib.logic import DEVICES, DINOSegLogic  # noqa: E402
-from DINOSegLib.models import BUNDLED_MODELS_DIR, SAMPLE_DATA_DIR, read_model_info  # noqa: E402
+from DINOSegLib.models import (  # noqa: E402
+    BUNDLED_MODELS_DIR, SAMPLE_DATA_DIR, add_models_listener, read_model_info, user_models_dir,
+)
 from DINOSegLib.segmentation import add_labelmap_node, labelmap_array_from_segmentation  # noqa: E402
 from DINOSegLib.volumes import write_volume  # noqa: E402
 
@@ -55,12 +57,14 @@ PANEL = "DINOSegPanel"
 
 
 def default_models_dir() -> Path:
-    """The user's own model folders (never the extension's): $DINOSEG_MODELS_DIR or ~/.local/share/dinoseg/models."""
+    """The user's own model folders (never the extension's): $DINOSEG_MODELS_DIR, else the per-user folder the
+    Slicer module uses with Slicer's settings in their Linux place (``~/.config/slicer.org/DINOSeg/Models``),
+    so that a model registered in Slicer on this computer is listed here too."""
     env = os.environ.get("DINOSEG_MODELS_DIR")
     if env:
         return Path(env)
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "dinoseg" / "models"
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return user_models_dir(Path(config) / "slicer.org")
 
 
 def list_server_files(data_dir: Path, depth: int = 2) -> list[str]:
@@ -156,12 +160,19 @@ class DINOSegWebApp(TrameApp):
         self._init_state()
         self._build_ui()
         self.refresh_models()
-        self.server.controller.on_client_connected.add(self._render_all_views)
+        self.server.controller.on_client_connected.add(self._on_client_connected)
+        self._remove_models_listener = add_models_listener(lambda _path: self._refresh_models_now())
 
-    def _render_all_views(self, *_):
-        """A page opened (or reloaded) later gets the current frames: the views push images only on render."""
+    def _on_client_connected(self, *_):
+        """A page opened (or reloaded) later gets the current frames (the views push images only on render)
+        and the model folders as they are now."""
         for view in self.slicer_app.view_manager.get_views():
             view.schedule_render()
+        self._refresh_models_now()
+
+    def _refresh_models_now(self):
+        with self.state:
+            self.refresh_models()
 
     # -- state ----------------------------------------------------------------------------------------
     def _init_state(self):
@@ -749,6 +760,7 @@ class DINOSegWebApp(TrameApp):
             s.error = f"Could not add the case: {exc}"
 
     def shutdown(self):
+        self._remove_models_listener()
         if self.job is not None:
             self.job.cancel()
         shutil.rmtree(self._feature_cache, ignore_errors=True)

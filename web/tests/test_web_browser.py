@@ -359,6 +359,26 @@ def test_cancel_leaves_no_process(server, browser_page):
     assert page.locator(".lesion-row").count() > 0
 
 
+def test_reload_lists_the_users_models_and_shows_the_views(server, browser_page):
+    """A model folder dropped into the user's models folder is listed after a reload (the views come back)."""
+    import shutil
+
+    target = server.tmp / "models" / "my_ct_model"
+    shutil.copytree(REPO_ROOT / "Resources" / "Models" / "demo_ct_organs", target)
+    meta = json.loads((target / "model.json").read_text())
+    meta["name"] = "my-ct-model"
+    (target / "model.json").write_text(json.dumps(meta))
+    page = browser_page
+    page.reload()
+    page.wait_for_selector("#load-button")
+    poll(page, lambda: all((lambda p: p and p["lit"] > 0.15 * p["width"] * p["height"])(view_pixels(page, v))
+                           for v in SLICE_VIEWS), 60, "the slice views after the reload")
+    page.locator(".v-select:has(#model-select)").click()
+    poll(page, lambda: "my-ct-model (CT)" in page.locator(".v-overlay-container").inner_text(), 30,
+         "the user's model in the model list")
+    page.keyboard.press("Escape")
+
+
 def test_open_ct_only_from_the_server_folder(server, browser_page):
     """A CT (no PET) typed as a path in the server folder: shown, and the CT-only model is picked."""
     import shutil

@@ -13,7 +13,7 @@ want_browser=0
 [ "${1:-}" = "--test" ] && want_browser=1
 
 missing=()
-if ! { ldconfig -p 2>/dev/null || true; } | grep -q 'libOSMesa\.so'; then missing+=(libosmesa6); fi
+if ! { ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null || true; } | grep -q 'libOSMesa\.so'; then missing+=(libosmesa6); fi
 if [ "$want_browser" = 1 ] && ! command -v chromium >/dev/null 2>&1; then missing+=(chromium); fi
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

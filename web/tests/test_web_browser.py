@@ -289,6 +289,17 @@ def test_cosine_map_follows_the_point(server, browser_page, timings):
          "the cosine map to change with the clicked point")
 
 
+def test_pca_map_overlay(server, browser_page):
+    """The PCA map of the same features (computed for the cosine map) replaces the cosine map at once."""
+    page = browser_page
+    before = still_picture(page, "Red")
+    page.click("#pca-button")
+    poll(page, lambda: text(page, "#status").startswith("PCA map"), 60, "the PCA map")
+    poll(page, lambda: changed_fraction(before, view_pixels(page, "Red")) > 0.05, 30, "the PCA overlay in the axial view")
+    assert "principal components" in text(page, "#dinoseg-panel")
+    assert not page.locator("#cosine-colour-bar").count()
+
+
 def test_save_and_add_to_training_set(server, browser_page):
     page = browser_page
     page.click("#save-button")

@@ -30,6 +30,7 @@ from trame.widgets.vuetify3 import (  # noqa: E402
     VAlert, VBtn, VCard, VCardText, VCardTitle, VCombobox, VDivider, VProgressLinear, VSelect, VSlider,
     VTextField,
 )
+from trame_server.utils.asynchronous import create_task  # noqa: E402
 from trame_slicer import module as trame_slicer_module  # noqa: E402
 from trame_slicer.app.logic.segmentation import SegmentEditorLogic  # noqa: E402
 from trame_slicer.app.ui import (  # noqa: E402
@@ -160,6 +161,7 @@ class DINOSegWebApp(TrameApp):
         self._init_state()
         self._build_ui()
         self.refresh_models()
+        self.state.change("pet_opacity")(self.on_pet_opacity)
         self.server.controller.on_client_connected.add(self._on_client_connected)
         self._remove_models_listener = add_models_listener(lambda _path: self._refresh_models_now())
 
@@ -483,7 +485,7 @@ class DINOSegWebApp(TrameApp):
         s.job_running, s.job_kind, s.progress, s.error = True, kind, 0, ""
         s.progress_text = f"{kind}: starting dinomed…"
         s.child_pid = self.job.pid or 0
-        asyncio.get_event_loop().create_task(self._watch(task, kind, on_done))
+        create_task(self._watch(task, kind, on_done))
 
     async def _watch(self, task, kind: str, on_done):
         """Tick the child from the server's loop (MRML stays on this thread) until it ends."""
@@ -799,7 +801,6 @@ def main(argv=None):
     app = DINOSegWebApp(dinomed_python=python, data_dir=Path(args.data_dir), models_dir=Path(args.models_dir),
                         output_dir=Path(args.output_dir), rca_encoder=os.environ.get("RCA_ENCODER") or None,
                         suv_max=args.suv_max)
-    app.state.change("pet_opacity")(app.on_pet_opacity)
     print(f"DINOSeg web: open http://{args.host}:{args.port}/ in a browser", flush=True)
     try:
         app.server.start(host=args.host, port=args.port, open_browser=False)

@@ -1,26 +1,32 @@
 """Whole-body PET/CT inference benchmark: ``dinomed segment`` with a MedDINOv3 ViT beside an nnU-Net-sized MONAI
-3D U-Net, on one synthetic whole-body-size case (CT 512 x 512 x 300, PET on its own grid).
+3D U-Net, on one synthetic whole-body-size case (CT 512 x 512 x 300, PET on its own grid), in one run.
 
-For each model it reports wall seconds per volume, slices per second, peak resident memory of the process that
-ran it (each measurement in a fresh child process, so peaks do not mix), and the achieved GFLOP/s (the model's
-FLOPs counted with ``torch.utils.flop_counter.FlopCounterMode``) as a fraction of the fp32 ``torch.matmul``
-GFLOP/s measured on the same machine in the same run. Medians over ``--repeats`` runs.
+It prints, for each model: wall seconds per volume, the model part and the pipeline around it (with its share),
+peak resident memory of the process that ran it (each measurement in a fresh child process, so peaks do not mix),
+and the achieved GFLOP/s (FLOPs counted with ``torch.utils.flop_counter.FlopCounterMode``) as a fraction of the
+fp32 ``torch.matmul`` GFLOP/s measured in the same child just before its run (the CPU is shared: each run is
+compared with the rate the machine gave at that moment; medians over the runs). Then the ratio of the two wall
+times, and a table of seconds per stage.
 
-- ViT: the real ``dinomed segment`` pipeline (``dinomed.inference.segment.segment_files``: read CT and PET,
-  resample the PET, normalise, slice batches through the model, post-process, write label map + lesion table),
-  with a random-weight MedDINOv3 model folder (speed does not depend on the weights).
+- ViT: the real ``dinomed segment`` pipeline (``dinomed.inference.segment.segment_files``) under
+  :func:`dinomed.inference.profile.profiling`, which reads the stage markers of the real code path (read, PET→CT
+  resample, normalise, model, argmax, post-process, lesion statistics, write; ``dinomed segment --profile`` prints
+  the same), with a random-weight MedDINOv3 model folder (speed does not depend on the weights).
+  ``--target-spacing X Y Z`` gives that model a ``preprocessing.target_spacing``.
 - U-Net: ``monai.networks.nets.DynUNet`` configured as nnU-Net's 3d_fullres plan for a large CT (6 stages,
   filters 32-64-128-256-320-320, 3x3x3 kernels, strides 1-2-2-2-2-2, instance norm, leaky ReLU, no deep
   supervision at inference), ``sliding_window_inference`` with 128^3 patches, overlap 0.5 and Gaussian
-  blending (nnU-Net's defaults), on the same normalised volume, on the CT grid (nnU-Net would first resample
-  to its plan's spacing; not done here).
+  blending (nnU-Net's defaults), on the same inputs read, resampled and normalised by dinomed's own functions
+  (same stage markers), on the CT grid (nnU-Net would first resample to its plan's spacing; not done here).
+- The runs are interleaved (ViT, U-Net, ViT, …) so that both see the same load.
 
 On a small CPU machine the full volume takes too long: ``--slices N`` runs the ViT on the central N slices and
-extrapolates linearly to the whole volume, and ``--unet-crop Z Y X`` runs the U-Net on a central crop and
-extrapolates by the number of sliding windows; the printout says when a figure is extrapolated. Peak memory is
-then that of the subset run, not of the whole volume.
+scales its network stages to the whole volume, while the other stages come from whole-volume runs of the same
+``segment_files`` with a trained model (default: the bundled demo PET/CT model, given the same target spacing), so
+that post-processing and lesion statistics see realistic label maps; ``--unet-crop Z Y X`` runs the U-Net on a
+central crop and scales by the number of sliding windows. The printout says which figures are scaled.
 
-    python benchmarks/inference.py --arch vit_small --slices 8 --unet-crop 128 192 192 --repeats 3
+    python benchmarks/inference.py --arch vit_small --target-spacing 1.5 1.5 1.0 --slices 8 --unet-crop 128 192 192
     python benchmarks/inference.py --arch vit_small --device cuda        # the whole volume on a GPU
 """
 from __future__ import annotations

@@ -317,7 +317,6 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
 
-    import dinomed  # noqa: F401  (its environment settings, e.g. huge pages for torch, reach the children too)
     import torch
 
     from dinomed.inference.segment import model_grid, read_ct, resolve_device

@@ -12,6 +12,24 @@ from typing import Iterator
 
 from .errors import DinomedError
 
+# Temporary files of the atomic writes now in progress: a signal handler (see :func:`remove_live_temps`)
+# removes them when the process is stopped between creating a temporary file and renaming it.
+_LIVE_TEMPS: set[Path] = set()
+
+
+def remove_live_temps() -> list[Path]:
+    """Remove every temporary file of an atomic write still in progress; returns the paths removed.
+
+    ``dinomed``'s SIGTERM handler and its exit path call this, so that a stop (a GUI Cancel sends SIGTERM
+    first) leaves no hidden ``.NAME.XXXX.tmp…`` file behind."""
+    removed = []
+    for tmp in list(_LIVE_TEMPS):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp)
+        _LIVE_TEMPS.discard(tmp)
+    return removed
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
@@ -33,6 +51,7 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=folder)
     os.close(fd)
     tmp_path = Path(tmp)
+    _LIVE_TEMPS.add(tmp_path)
     try:
         yield tmp_path
         if tmp_path.is_file():
@@ -43,6 +62,8 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+    finally:
+        _LIVE_TEMPS.discard(tmp_path)
 
 
 def _umask() -> int:

@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import DinomedError, InputImageError
-from .volumes import _read_file, check_volume
+from .volumes import _first_line, _read_file, check_volume
 
 SOP_CLASS = {
     "CT": "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
@@ -68,7 +68,8 @@ def select_series_files(folder: str | os.PathLike, series_uid: str | None = None
         return match[0]["files"]
     if len(series) > 1:
         raise InputImageError(
-            f"{folder}: holds {len(series)} DICOM series; pick one with its SeriesInstanceUID: {_describe(series)}"
+            f"{folder}: holds {len(series)} DICOM series; pick one by its SeriesInstanceUID (dinomed segment: "
+            f"--ct-series UID or --pet-series UID) or move it into a folder of its own: {_describe(series)}"
         )
     return series[0]["files"]
 
@@ -96,7 +97,10 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
     try:
         return reader.Execute()
     except RuntimeError as exc:
-        raise InputImageError(f"{folder}: the DICOM series could not be read as one volume: {exc}") from None
+        raise InputImageError(
+            f"{folder}: the DICOM series could not be read as one volume (a truncated or damaged slice?): "
+            f"{_first_line(exc)}"
+        ) from None
 
 
 def _stored_values(plane: np.ndarray, integer: bool, slope: float) -> np.ndarray:

@@ -12,3 +12,11 @@ class CheckpointError(DinomedError):
 
 class InputImageError(DinomedError):
     """An image that is not what the operation needs (dimensionality, NaNs, geometry, channels)."""
+
+
+def yaml_problem(exc: Exception) -> str:
+    """A YAML parser error in one line: ``line L, column C: problem`` (PyYAML's own message spans 5-7 lines)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"

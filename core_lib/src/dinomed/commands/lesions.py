@@ -69,6 +69,15 @@ def run(args) -> int:
     check_pet_is_suv(sitk.GetArrayViewFromImage(pet), f"PET {args.pet}")
     warnings = [m for m in pet_warnings(pet, f"PET {args.pet}")]
     seg = read_image(args.seg)
+    if args.labels:
+        array = sitk.GetArrayViewFromImage(seg)
+        present = sorted(int(v) for v in np.unique(array[array != 0])) if array.size else []
+        missing = [v for v in values if v not in present]
+        if missing:
+            raise DinomedError(
+                f"{args.seg}: --labels {args.labels}: label value(s) {', '.join(map(str, missing))} do not occur in the "
+                f"label map; it holds {', '.join(map(str, present)) or 'no label (all background)'}"
+            )
     if not same_grid(pet, seg):
         events.log("the PET is not on the label grid: resampling it onto the label grid (linear)")
         fov = field_of_view_mask(pet, seg)
@@ -89,15 +98,6 @@ def run(args) -> int:
             values = lesion_values
             events.log(f"measuring the lesion label(s) of {sidecar.name}: "
                        + ", ".join(f"{v} ({names[v]})" for v in values) + " (--labels to choose others)")
-    if args.labels:
-        array = sitk.GetArrayViewFromImage(seg)
-        present = sorted(int(v) for v in np.unique(array[array != 0])) if array.size else []
-        missing = [v for v in values if v not in present]
-        if missing:
-            raise DinomedError(
-                f"{args.seg}: --labels {args.labels}: label value(s) {', '.join(map(str, missing))} do not occur in the "
-                f"label map; it holds {', '.join(map(str, present)) or 'no label (all background)'}"
-            )
     rows = lesion_statistics(pet, seg, label_values=values, label_names=names, pet_fov=fov)
     warnings += fov_warnings(rows, f"the PET {args.pet}")
     for message in warnings:

@@ -371,7 +371,10 @@ def segment_files(
 
     def warn(message: str) -> None:
         warnings.append(message)
-        events.warning(message)
+        if emit_now:
+            events.warning(message)
+
+    emit_now = False  # the input warnings are shown once both inputs are known to be readable
 
     ct = read_ct(ct_path, ct_series)
     for message in ct_warnings(ct, f"CT {ct_path}", dicom_modality(ct_path, ct_series)):
@@ -394,6 +397,9 @@ def segment_files(
                            "it has no lesion labels, so no lesion is measured on the PET")
             warn(f"model {model_json.get('name', model_dir)!r} reads only {', '.join(mods)}: the PET {pet_path} is not "
                  f"used for the segmentation; {lesion_note}. Use a PET/CT model to segment lesions")
+    for message in warnings:
+        events.warning(message)
+    emit_now = True
     torch_device = resolve_device(device)
     model, model_json = load_model_folder(model_dir, device=torch_device)
     dtype = autocast_dtype(torch_device)

@@ -104,7 +104,7 @@ def inputs(tmp_path_factory) -> Path:
     (d / "a_file").write_text("not a folder\n")
     os.symlink(d / "pet.nii.gz", d / "pet_link.nii.gz")
     # a small labelled dataset for evaluate
-    assert main(["phantom", "--out", str(d / "dataset"), "--shape", "16,48,48", "--cases", "1", "--seed", "5"]) == 0
+    assert main(["phantom", "--out", str(d / "dataset"), "--shape", "16,48,48", "--cases", "2", "--seed", "5"]) == 0
     return d
 
 
@@ -222,6 +222,9 @@ CASES: dict[str, Case] = {
     "phantom_huge_shape": Case(CMD("phantom", "--out", "{o}/ph", "--shape", "4000,4000,4000"), 2, ("GiB", "4000,4000,4000")),
     "phantom_out_is_a_file": Case(CMD("phantom", "--out", "{d}/a_file"), 2, ("a_file", "folder")),
     "phantom_negative_seed": Case(CMD("phantom", "--out", "{o}/ph", "--seed", "-1"), 2, ("--seed", "-1")),
+    "suv_out_is_a_dicom_slice": Case(lambda d, o: ["suv", str(d / "p" / "pet_dicom"), "--out",
+                                                   str(sorted((d / "p" / "pet_dicom").iterdir())[0])], 2, ("same file",)),
+    "suv_out_parent_is_file": Case(CMD("suv", "{d}/p/pet_dicom", "--out", "{d}/a_file/suv.nii.gz"), 2, ("is a file",)),
     "finetune_bad_yaml": Case(CMD("finetune", "{d}/bad.yaml", "--data", "{d}/dataset", "--out", "{o}/run"), 2, ("line 3", "YAML")),
     "pretrain_bad_yaml": Case(CMD("pretrain", "{d}/bad.yaml", "--data", "{d}/p", "--out", "{o}/run"), 2, ("line 3", "YAML")),
     # ---- cases that already worked (kept from regressing) ----
@@ -314,4 +317,16 @@ def test_pretrain_with_a_bad_gram_checkpoint_leaves_no_run_folder(inputs, tmp_pa
     err = capsys.readouterr().err
     assert code == 2, err
     assert "text.pth" in err
+    assert not run.exists(), list(run.rglob("*"))
+
+
+@pytest.mark.slow
+def test_finetune_whose_loss_diverges_before_a_checkpoint_leaves_no_run_folder(inputs, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["finetune", "tiny_meddinov3", "--data", str(inputs / "dataset"), "--out", str(run),
+                 "optim.lr=1e20", "optim.warmup_steps=0", "train.max_steps=6", "train.device=cpu",
+                 "data.patch_size=[48,48]"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "training loss became nan" in err and "no checkpoint had been saved yet" in err
     assert not run.exists(), list(run.rglob("*"))

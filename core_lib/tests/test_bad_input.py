@@ -330,3 +330,21 @@ def test_finetune_whose_loss_diverges_before_a_checkpoint_leaves_no_run_folder(i
     assert code == 2, err
     assert "training loss became nan" in err and "no checkpoint had been saved yet" in err
     assert not run.exists(), list(run.rglob("*"))
+
+
+def test_a_temporary_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    """SIGKILL (a GUI Cancel's last resort) leaves no chance to clean up: the next write of the same file removes
+    the temporary files whose writing process is gone, and leaves those of live processes alone."""
+    import subprocess
+    import sys
+
+    from dinomed.atomic import atomic_write_text
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f".seg.nii.gz.{int(dead.stdout)}.x1y2.tmp.nii.gz"
+    live = tmp_path / f".seg.nii.gz.{os.getpid()}.x1y2.tmp.nii.gz"
+    orphan.write_bytes(b"")
+    live.write_bytes(b"")
+    atomic_write_text(tmp_path / "seg.nii.gz", "label map")
+    assert not orphan.exists() and live.exists()
+    assert (tmp_path / "seg.nii.gz").read_text() == "label map"

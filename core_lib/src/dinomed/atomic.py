@@ -48,7 +48,10 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     if not os.access(folder, os.W_OK):
         raise DinomedError(f"cannot write {target}: the folder {folder} is not writable")
     suffix = suffix if suffix is not None else "".join(target.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=folder)
+    _remove_orphans(folder, target.name, suffix)
+    # the writer's pid is in the name, so that a later write can tell an orphan (its writer was SIGKILLed) from a
+    # temporary file another process is writing now
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=f".tmp{suffix}", dir=folder)
     os.close(fd)
     tmp_path = Path(tmp)
     _LIVE_TEMPS.add(tmp_path)
@@ -64,6 +67,29 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
         raise
     finally:
         _LIVE_TEMPS.discard(tmp_path)
+
+
+def _remove_orphans(folder: Path, name: str, suffix: str) -> None:
+    """Remove the temporary files of earlier writes of ``name`` whose writing process no longer exists (a
+    SIGKILL, e.g. after a GUI Cancel's grace period, leaves no chance to clean up)."""
+    for stale in folder.glob(f".{glob_escape(name)}.*.tmp{glob_escape(suffix)}"):
+        parts = stale.name[len(name) + 2:].split(".")
+        if not parts or not parts[0].isdigit():
+            continue
+        pid = int(parts[0])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        except (PermissionError, OSError):
+            continue
+
+
+def glob_escape(text: str) -> str:
+    import glob
+
+    return glob.escape(text)
 
 
 def _umask() -> int:

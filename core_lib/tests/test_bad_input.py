@@ -212,7 +212,8 @@ CASES: dict[str, Case] = {
                                                 "--pca", "{o}/pca.nrrd", "--cache", "/proc/dinomed-cache"),
                                             0, ("WARNING", "cache"), record="pca.nrrd"),
     "evaluate_out_json_writes_json": Case(CMD("evaluate", "--model", CT_ONLY, "--data", "{d}/dataset", "--out", "{o}/m.json",
-                                              "--device", "cpu"), 0, (), record="m.json", record_words=('"mean"',)),
+                                              "--device", "cpu"), 0, (), record="m.json", record_words=('"mean"',),
+                                          marks=(pytest.mark.slow,)),
     # ---- one line instead of a traceback ----
     "info_six_byte_text_pth": Case(CMD("info", "{d}/text.pth"), 2, ("not a PyTorch checkpoint",)),
     "features_backbone_text_pth": Case(CMD("features", "--image", "{d}/ct.nii.gz", "--backbone", "{d}/text.pth",
@@ -244,7 +245,7 @@ def _snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if not p.is_symlink()}
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [pytest.param(name, marks=case.marks) for name, case in CASES.items()])
 def test_bad_input_table(name, inputs, tmp_path, capsys):
     case = CASES[name]
     out = tmp_path / "out"

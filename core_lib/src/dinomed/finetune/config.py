@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from ..errors import DinomedError
+from ..errors import DinomedError, yaml_problem
 
 # YAML 1.1 (PyYAML) reads 3e-4 as a string; numbers in exponent form are what people type for learning rates
 _EXPONENT_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+$")
@@ -160,7 +160,7 @@ def parse_overrides(items: Iterable[str]) -> dict:
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as exc:
-            raise DinomedError(f"override {item!r}: the value is not valid YAML ({exc})") from None
+            raise DinomedError(f"override {item!r}: the value is not valid YAML ({yaml_problem(exc)})") from None
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -176,7 +176,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise DinomedError(f"{path}: not valid YAML ({exc})") from None
+        raise DinomedError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     except OSError as exc:
         raise DinomedError(f"{path}: cannot read the config ({exc.strerror})") from None
     if data is None:

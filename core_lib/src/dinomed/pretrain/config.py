@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import DinomedError
+from ..errors import DinomedError, yaml_problem
 
 SCHEDULE_KEYS = {"start", "peak", "end", "warmup_epochs", "cosine_epochs", "freeze_last_layer_epochs"}
 
@@ -31,7 +31,7 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise DinomedError(f"{path}: not valid YAML ({exc})") from None
+        raise DinomedError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -356,7 +356,7 @@ def main(argv=None) -> int:
 
     # side by side: each repeat runs the ViT, then the peer, so that both see the same load
     vit_runs, unet_runs, pipe_runs = [], [], []
-    n_unet = args.no_unet and 0 or (args.unet_repeats if args.unet_repeats is not None else args.repeats)
+    n_unet = 0 if args.no_unet else (args.unet_repeats if args.unet_repeats is not None else args.repeats)
     for i in range(max(args.repeats, n_unet)):
         if i < args.repeats:
             vit_runs.append(run_child(_child_vit, str(model_dir), str(vit_ct), str(case["pet"]), args.device,

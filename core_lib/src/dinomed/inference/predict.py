@@ -129,8 +129,8 @@ def prepare_for_inference(model: nn.Module, device: torch.device | str | None = 
 
 
 # Not set by default: THP_MEM_ALLOC_ENABLE=1 (read by torch at its first allocation) puts torch's large CPU blocks on
-# transparent huge pages: ~120k page faults per 512x512 slice of the demo model became 2.4-3.8k, but a whole-volume
-# run with it peaked at 7.6 GB resident against 4.0 GB before (not yet explained; see the README's measured figures).
+# transparent huge pages (~120k page faults per 512x512 slice of the demo model became 2.4-3.8k); its effect on the
+# wall time could not be measured reliably on the shared development machine (README, measured figures).
 
 
 def slice_labels(model: nn.Module, batch: torch.Tensor, amp=None) -> np.ndarray:

@@ -125,6 +125,13 @@ def test_config_layers_overrides_and_errors():
     assert stage3["gram"]["loss_weight_schedule"]["start"] == stage3["gram"]["loss_weight_schedule"]["end"]
 
 
+def test_exponent_numbers_are_numbers():
+    """YAML 1.1 reads 1e-1 (no dot) as a string; a learning rate or loss weight typed so must still be a number."""
+    cfg = load_config("tiny_test", ["dino.koleo_loss_weight=1e-1", "schedules.lr.peak=3e-4"])
+    assert cfg["dino"]["koleo_loss_weight"] == pytest.approx(0.1) and isinstance(cfg["dino"]["koleo_loss_weight"], float)
+    assert cfg["schedules"]["lr"]["peak"] == pytest.approx(3e-4)
+
+
 def test_multiresolution_batches(tmp_path):
     """List-valued crop sizes: every batch is at one resolution, drawn per step in the configured shares, the
     same for every process; the masks follow each batch's patch grid; bad lists are refused."""

@@ -77,7 +77,9 @@ def parse_override(text: str) -> tuple[list[str], object]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    from ..finetune.config import _numbers  # YAML 1.1 reads 1e-1 as a string
+
+    return key.strip().split("."), _numbers(value)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from dinomed.backbones import create_backbone, load_backbone, save_meta_backbone
 from dinomed.errors import CheckpointError, DinomedError, InputImageError
 from dinomed.models import build_model, load_model_folder, model_json_template, save_model_folder
-from dinomed.models.common import vit_features
+from dinomed.backbones.forward import vit_features
 from dinomed.models.dinomed3d import DEFAULTS, GatedFusion, UperNet3D, ice_patch_weight, slab_offsets, slabs
 
 CFG = {"name": "dinomed3d", "backbone": "vit_tiny", "in_chans": 1, "num_classes": 3, "adapter_channels": 16,

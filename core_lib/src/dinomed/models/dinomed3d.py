@@ -55,7 +55,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, DinomedError
-from .common import aggregation_layers, check_input, embed_tokens, pad_to_patch, run_blocks
+from ..backbones.forward import embed_tokens, pad_to_patch, run_blocks
+from .common import aggregation_layers, check_input
 from .registry import register_model
 
 DEFAULTS = {

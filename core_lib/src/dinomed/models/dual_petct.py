@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import DinomedError
-from .common import (ProgressiveUpsamplingDecoder, aggregation_layers, check_input, embed_tokens, freeze,
-                     make_backbone, pad_to_patch, tokens_to_grid, vit_features)
+from ..backbones.forward import embed_tokens, pad_to_patch, tokens_to_grid, vit_features
+from .common import ProgressiveUpsamplingDecoder, aggregation_layers, check_input, freeze, make_backbone
 from .registry import register_model
 
 VARIANTS = ("dual", "pet_only", "ct_only", "early_fusion")

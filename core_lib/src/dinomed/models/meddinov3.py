@@ -39,8 +39,8 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 from ..errors import DinomedError
-from .common import (ProgressiveUpsamplingDecoder, aggregation_layers, check_input, freeze, make_backbone,
-                     pad_to_patch, vit_features)
+from ..backbones.forward import pad_to_patch, vit_features
+from .common import ProgressiveUpsamplingDecoder, aggregation_layers, check_input, freeze, make_backbone
 from .registry import register_model
 
 DEFAULTS = {

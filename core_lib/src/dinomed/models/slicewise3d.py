@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import (ConvNormAct3d, aggregation_layers, check_input, freeze, group_norm, make_backbone, pad_to_patch,
-                     vit_features)
+from ..backbones.forward import pad_to_patch, vit_features
+from .common import ConvNormAct3d, aggregation_layers, check_input, freeze, group_norm, make_backbone
 from .registry import register_model
 
 COMMON = {

@@ -33,7 +33,7 @@ from .data import MultiCropCollator, MultiCropSliceDataset, SliceSource, StepBat
 from .heads import DINOHead
 from .meta_arch import SSLMetaArch, build_heads
 from .schedules import lr_scale, schedule_from_config
-from .tokens import add_mask_token
+from ..backbones.forward import add_mask_token
 
 log = logging.getLogger(__name__)
 STATUS_FILE = "status.json"  # the run at its last checkpoint, for front-ends (no torch needed to read it)

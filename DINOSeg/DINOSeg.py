@@ -149,7 +149,7 @@ class DINOSegParameterNode:
     petVolume: vtkMRMLScalarVolumeNode
     petOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     modelsDirectory: pathlib.Path
-    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     featureLayer: Annotated[int, WithinRange(-1, 47)] = -1
     backbonePath: str = ""
     segmentation: vtkMRMLSegmentationNode

@@ -25,7 +25,7 @@ from .jobs import Job
 from .segmentation import place_in_study, segmentation_from_labelmap
 from .volumes import read_volume, write_volume
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # what dinomed.runtime.resolve_device takes (DINOPretrain offers the same)
 
 
 class DINOSegError(RuntimeError):

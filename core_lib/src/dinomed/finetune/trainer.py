@@ -27,7 +27,7 @@ from torch import nn
 
 from ..atomic import atomic_write_text
 from ..errors import CheckpointError, DinomedError
-from ..runtime import StopRequest, init_distributed
+from ..runtime import StopRequest, autocast, autocast_dtype, init_distributed
 from ..training import (barrier, check_finite_loss, check_run_folder, gather_rng_states, load_checkpoint, lr_factor,
                         restore_rng_states, save_checkpoint, seed_everything, wrap_ddp)
 from ..events import EventWriter
@@ -247,9 +247,7 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=float(optim_cfg["plateau_factor"]), patience=int(optim_cfg["plateau_patience"]))
         amp = train_cfg["amp"]
-        amp_dtype = None
-        if device.type == "cuda" and amp not in ("off", False, None):
-            amp_dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+        amp_dtype = autocast_dtype(device, amp)  # bf16 only on a GPU that has it
         scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=bool(cfg["loss"]["batch_dice"]),
                              lambda_dice=float(cfg["loss"]["lambda_dice"]), lambda_ce=float(cfg["loss"]["lambda_ce"]))
@@ -358,7 +356,7 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
         for batch in _batches(loader, step, max_steps):
             images = batch["image"].to(device, non_blocking=True)
             labels = batch["label"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with autocast(device, amp_dtype):
                 logits = train_model(images)
             loss = loss_fn(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)

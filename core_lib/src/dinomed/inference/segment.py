@@ -46,11 +46,9 @@ def autocast_dtype(device):
     """The reduced precision inference runs in on ``device``: bf16 on a CUDA GPU that has it, else fp16 there;
     None (fp32) on the CPU and on MPS. A segmentation is an argmax of logits, which bf16 leaves unchanged but
     at class boundaries; CPU autocast is slower than fp32 on most machines."""
-    import torch
+    from ..runtime import autocast_dtype as resolved
 
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
+    return resolved(device, "auto")
 
 
 def amp_setting(device) -> str:

@@ -48,14 +48,12 @@ def register_unet() -> None:
     if "monai_basic_unet_2d" in MODEL_REGISTRY:
         return
 
-    @register_model("monai_basic_unet_2d", defaults={"in_chans": 2, "num_classes": None,
-                                                     "features": [16, 16, 32, 64, 128, 16]},
-                    spatial_dims=2, summary="MONAI BasicUNet (2D), trained from scratch")
-    def build(cfg: dict, load_checkpoints: bool = True):
-        from monai.networks.nets import BasicUNet
+    from monai.networks.nets import BasicUNet
 
-        return BasicUNet(spatial_dims=2, in_channels=cfg["in_chans"], out_channels=cfg["num_classes"],
-                         features=tuple(cfg["features"]))
+    @register_model("monai_basic_unet_2d", spatial_dims=2, summary="MONAI BasicUNet (2D), trained from scratch")
+    class MonaiBasicUNet2D(BasicUNet):
+        def __init__(self, *, num_classes: int, in_chans: int = 2, features: tuple = (16, 16, 32, 64, 128, 16)):
+            super().__init__(spatial_dims=2, in_channels=in_chans, out_channels=num_classes, features=tuple(features))
 
 
 def common_overrides(args, held_out: list[str]) -> list[str]:

@@ -167,8 +167,8 @@ def labels_to_reference(labels: sitk.Image, reference: sitk.Image) -> sitk.Image
     return out
 
 
-def model_channels(model_json: dict, ct: sitk.Image, pet: sitk.Image | None, grid: sitk.Image | None = None,
-                   ct_name: str = "CT", pet_name: str = "PET") -> np.ndarray:
+def model_channels(model_json: dict, ct: sitk.Image, pet: sitk.Image | None, grid: sitk.Image | None = None
+                   ) -> np.ndarray:
     """The normalised input array ``(C, z, y, x)`` in ``model.json["inputs"]`` order, on ``grid`` (default:
     the CT grid). ``pet`` must already be on the CT grid."""
     from ..preprocess import default_spec, normalize_channels

@@ -74,7 +74,7 @@ def check_input(x: torch.Tensor, ndim: int, in_chans: int, model: str, min_side:
 # decoder blocks
 
 
-def group_norm(channels: int, dims: int = 2) -> nn.Module:
+def group_norm(channels: int) -> nn.Module:
     """GroupNorm with up to 8 groups: independent of the batch size (inference runs batch 1 volumes)."""
     groups = math.gcd(channels, 8)
     return nn.GroupNorm(groups, channels)
@@ -117,7 +117,7 @@ class ConvNormAct3d(nn.Sequential):
     def __init__(self, cin: int, cout: int, kernel=3, stride=1):
         k = (kernel,) * 3 if isinstance(kernel, int) else tuple(kernel)
         pad = tuple(kk // 2 for kk in k)
-        super().__init__(nn.Conv3d(cin, cout, k, stride=stride, padding=pad, bias=False), group_norm(cout, 3), nn.GELU())
+        super().__init__(nn.Conv3d(cin, cout, k, stride=stride, padding=pad, bias=False), group_norm(cout), nn.GELU())
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -1,13 +1,16 @@
 """One configuration system for pretraining and finetuning: defaults ← recipe/stage YAML ← ``key=value``.
 
-As Meta's dinov3 (``dinov3/configs/config.py``), the layers are merged by OmegaConf in struct mode: a key that the
-defaults do not hold is refused, with the nearest known key as a suggestion (``optim.epoch`` → ``optim.epochs``),
-so that a typo never trains silently with a default. Values are typed: YAML files and ``key=value`` overrides are
-read by OmegaConf's YAML loader, which reads ``1e-1`` as a number (PyYAML's YAML 1.1 reads it as a string), and a
-value whose type differs from the default's (a word for a number, a number for a yes/no) is refused. Every
-override syntax YAML allows works: ``optim.epochs=10``, ``crops.global_crops_scale=[0.4,1]``,
+The layering of Meta's dinov3 (``dinov3/configs/config.py``: OmegaConf in struct mode): a key that the defaults do
+not hold is refused, with the nearest known key as a suggestion (``optim.epoch`` → ``optim.epochs``), so that a
+typo never trains silently with a default. Values are typed: YAML files and ``key=value`` overrides read
+``1e-1`` as a number (as YAML 1.2 and OmegaConf do; PyYAML's YAML 1.1 reads it as a string), and a value whose type
+differs from the default's (a word for a number, a number for a yes/no) is refused. Every override syntax YAML
+allows works: ``optim.epochs=10``, ``crops.global_crops_scale=[0.4,1]``,
 ``"schedules.teacher_temp={start: 0.02, peak: 0.02, end: 0.02, warmup_epochs: 0}"`` (a mapping merges into the
-section). The result is a plain ``dict``; a run writes it as its resolved ``config.yaml``.
+section). OmegaConf resolves ``${…}`` interpolations in the result; the struct checks and the merge itself are
+done here on plain dicts, because OmegaConf's merge costs ~40-80 ms a layer (measured), which ``dinomed recipes``
+and every test that loads a config would pay. The result is a plain ``dict``; a run writes it as its resolved
+``config.yaml``.
 
 The pretraining stage configs name no modality where CT and PET share a recipe: ``vits_stage1.yaml`` is loaded as
 ``ct_vits_stage1`` or ``pet_vits_stage1``, the prefix setting ``modality`` (a ``${modality}`` in its text, such
@@ -15,6 +18,7 @@ as the description, is filled in). This module imports no torch, so that listing
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from dataclasses import dataclass
@@ -22,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import DinomedError
@@ -40,20 +44,36 @@ class Layer:
     values: dict
 
 
+class _YAMLLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """PyYAML's safe loader (the C one where built) that also reads exponent numbers without a dot as numbers."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def yaml_value(text: str):
+    """A YAML scalar or collection as the config files read it (``3e-4`` a number)."""
+    return yaml.load(text, Loader=_YAMLLoader)
+
+
 def read_yaml(path: str | Path) -> dict:
-    """A YAML mapping, read with OmegaConf's loader (``3e-4`` is a number); ``{}`` for an empty file."""
+    """A YAML mapping of config keys; ``{}`` for an empty file."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise DinomedError(f"{path}: cannot read the config ({exc.strerror})") from None
     try:
-        node = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
-    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+        data = yaml_value(text)
+    except yaml.YAMLError as exc:
         raise DinomedError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(node, DictConfig):
-        raise DinomedError(f"{path}: expected a mapping of config keys, found a list")
-    return OmegaConf.to_container(node, resolve=False)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DinomedError(f"{path}: expected a mapping of config keys, found {type(data).__name__}")
+    return data
 
 
 def parse_overrides(items: Iterable[str]) -> list[Layer]:
@@ -62,13 +82,19 @@ def parse_overrides(items: Iterable[str]) -> list[Layer]:
     for item in items:
         if "=" not in item:
             raise DinomedError(f"override {item!r}: expected key=value (e.g. optim.epochs=10)")
-        key = item.split("=", 1)[0].strip()
-        if not key or any(not part for part in key.split(".")):
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not key.strip() or any(not part for part in parts):
             raise DinomedError(f"override {item!r}: empty key")
         try:
-            values = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
-        except (yaml.YAMLError, OmegaConfBaseException) as exc:
+            value = yaml_value(text) if text.strip() else None
+        except yaml.YAMLError as exc:
             raise DinomedError(f"override {item!r}: the value is not valid YAML ({exc})") from None
+        values: dict = {}
+        node = values
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
         layers.append(Layer(f"override {item!r}", values))
     return layers
 
@@ -119,48 +145,48 @@ def _check_types(defaults: Any, value: Any, path: str, source: str) -> None:
 
 
 def merge_layers(defaults: dict, layers: Iterable[Layer], free_form: tuple = (), schedule_keys: tuple = ()) -> dict:
-    """``defaults`` ← each layer in turn, in OmegaConf struct mode; the resolved plain ``dict``.
+    """``defaults`` ← each layer in turn, every key checked against what the layers below hold (struct mode); then
+    ``${…}`` interpolations resolved (OmegaConf). The resolved plain ``dict``.
 
     ``free_form``: dotted sections whose keys belong to someone else (checked there); ``schedule_keys``: the keys
     a schedule mapping (a mapping with ``start``) may hold, some of them optional.
     """
-    cfg = OmegaConf.create(defaults)
+    cfg = copy.deepcopy(defaults)
     for layer in layers:
-        current = OmegaConf.to_container(cfg, resolve=False)
-        _check_keys(current, layer.values, "", layer.source, free_form, schedule_keys)
+        _check_keys(cfg, layer.values, "", layer.source, free_form, schedule_keys)
         _check_types(defaults, layer.values, "", layer.source)
-        _open(cfg, free_form, schedule_keys)
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.create(layer.values))
-        except OmegaConfBaseException as exc:  # e.g. a section set to a plain value
-            raise DinomedError(f"{layer.source}: {_plain(exc)}") from None
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as exc:
-        raise DinomedError(f"config: {_plain(exc)}") from None
+        deep_merge(cfg, copy.deepcopy(layer.values))
+    _resolve_interpolations(cfg, cfg)
+    return cfg
 
 
-def _open(cfg: DictConfig, free_form: tuple, schedule_keys: tuple) -> None:
-    """Struct mode everywhere except free-form sections and schedules (their optional keys were checked above)."""
-    OmegaConf.set_struct(cfg, True)
-    for path in free_form:
-        node = OmegaConf.select(cfg, path)
-        if isinstance(node, DictConfig):
-            OmegaConf.set_struct(node, False)
-    if schedule_keys:
-        def walk(node):
-            for key in node:
-                child = node._get_node(key)
-                if isinstance(child, DictConfig):
-                    if "start" in child:
-                        OmegaConf.set_struct(child, False)
-                    else:
-                        walk(child)
-        walk(cfg)
+def deep_merge(base: dict, update: dict) -> None:
+    """Mappings merge key by key; anything else (a value, a list, a mapping over a value) replaces."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_merge(base[key], value)
+        else:
+            base[key] = value
 
 
-def _plain(exc: OmegaConfBaseException) -> str:
-    return str(exc).splitlines()[0]
+_REFERENCE = re.compile(r"\$\{([^}]*)\}")
+
+
+def _resolve_interpolations(node, root: dict) -> None:
+    """Fill in every ``${…}`` string (OmegaConf's grammar: ``${modality}``, ``${crops.global_crops_size}``,
+    resolvers), each against the top-level sections it names (creating OmegaConf nodes for the whole config would
+    cost ~40 ms a load)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    for key, value in list(items):
+        if isinstance(value, (dict, list)):
+            _resolve_interpolations(value, root)
+        elif isinstance(value, str) and "${" in value:
+            names = {ref.strip().split(".")[0].split("[")[0] for ref in _REFERENCE.findall(value)}
+            scope = {name: root[name] for name in names if name in root}
+            try:
+                node[key] = OmegaConf.to_container(OmegaConf.create({**scope, "_value": value}), resolve=True)["_value"]
+            except OmegaConfBaseException as exc:
+                raise DinomedError(f"config: {value!r}: {str(exc).splitlines()[0]}") from None
 
 
 def dump_config(cfg: dict) -> str:
@@ -178,7 +204,7 @@ def stage_names(folder: Path | None = None) -> list[str]:
     for path in sorted(folder.glob("*.yaml")):
         if path.stem == "default":
             continue
-        if "modality" in (yaml.safe_load(path.read_text()) or {}):
+        if "modality" in read_yaml(path):
             names.append(path.stem)
         else:
             names += [f"{prefix}_{path.stem}" for prefix in MODALITY_PREFIXES]

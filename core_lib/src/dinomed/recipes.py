@@ -11,9 +11,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
-
 from .config import merge_layers, read_yaml, stage_file, stage_layers, stage_names
+from .errors import DinomedError
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 _STAGE_SUFFIX = re.compile(r"_stage(\d)$")
@@ -45,8 +44,10 @@ class Recipe:
 
 
 def _read(path: Path) -> dict:
-    data = yaml.safe_load(path.read_text()) or {}
-    return data if isinstance(data, dict) else {}
+    try:
+        return read_yaml(path)
+    except DinomedError:  # listed with what can be read; loading it names the problem
+        return {}
 
 
 def _finetune(path: Path) -> Recipe:

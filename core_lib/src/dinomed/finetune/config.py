@@ -13,9 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
-from omegaconf import OmegaConf
-
-from ..config import Layer, dump_config, merge_layers, read_yaml
+from ..config import Layer, deep_merge, dump_config, merge_layers, read_yaml
 from ..config import parse_overrides as parse_override_layers
 from ..errors import DinomedError
 
@@ -135,8 +133,10 @@ def find_config(name_or_path: str | Path) -> Path:
 
 def parse_overrides(items: Iterable[str]) -> dict:
     """``["optim.lr=3e-4", "data.patch_size=[32,32]"]`` → one nested dict (later overrides win)."""
-    merged = OmegaConf.merge({}, *(layer.values for layer in parse_override_layers(items)))
-    return OmegaConf.to_container(merged, resolve=False)
+    merged: dict = {}
+    for layer in parse_override_layers(items):
+        deep_merge(merged, layer.values)
+    return merged
 
 
 def load_config(name_or_path: str | Path | None = None, overrides: Iterable[str] | dict = ()) -> dict:

@@ -12,6 +12,24 @@ from typing import Iterator
 
 from .errors import DinomedError
 
+# Temporary files of the atomic writes now in progress: a signal handler (see :func:`remove_live_temps`)
+# removes them when the process is stopped between creating a temporary file and renaming it.
+_LIVE_TEMPS: set[Path] = set()
+
+
+def remove_live_temps() -> list[Path]:
+    """Remove every temporary file of an atomic write still in progress; returns the paths removed.
+
+    ``dinomed``'s SIGTERM handler and its exit path call this, so that a stop (a GUI Cancel sends SIGTERM
+    first) leaves no hidden ``.NAME.XXXX.tmp…`` file behind."""
+    removed = []
+    for tmp in list(_LIVE_TEMPS):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp)
+        _LIVE_TEMPS.discard(tmp)
+    return removed
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
@@ -30,9 +48,13 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     if not os.access(folder, os.W_OK):
         raise DinomedError(f"cannot write {target}: the folder {folder} is not writable")
     suffix = suffix if suffix is not None else "".join(target.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=folder)
+    _remove_orphans(folder, target.name, suffix)
+    # the writer's pid is in the name, so that a later write can tell an orphan (its writer was SIGKILLed) from a
+    # temporary file another process is writing now
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=f".tmp{suffix}", dir=folder)
     os.close(fd)
     tmp_path = Path(tmp)
+    _LIVE_TEMPS.add(tmp_path)
     try:
         yield tmp_path
         if tmp_path.is_file():
@@ -43,6 +65,31 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+    finally:
+        _LIVE_TEMPS.discard(tmp_path)
+
+
+def _remove_orphans(folder: Path, name: str, suffix: str) -> None:
+    """Remove the temporary files of earlier writes of ``name`` whose writing process no longer exists (a
+    SIGKILL, e.g. after a GUI Cancel's grace period, leaves no chance to clean up)."""
+    for stale in folder.glob(f".{glob_escape(name)}.*.tmp{glob_escape(suffix)}"):
+        parts = stale.name[len(name) + 2:].split(".")
+        if not parts or not parts[0].isdigit():
+            continue
+        pid = int(parts[0])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        except (PermissionError, OSError):
+            continue
+
+
+def glob_escape(text: str) -> str:
+    import glob
+
+    return glob.escape(text)
 
 
 def _umask() -> int:

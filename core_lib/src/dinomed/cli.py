@@ -8,6 +8,10 @@ A :class:`~dinomed.errors.DinomedError` is printed as one line ``dinomed <cmd>: 
 ``error`` event with ``--events``) and the command exits with status 2; no traceback for bad input.
 ``dinomed finetune|pretrain`` exit with status 3 (:data:`~dinomed.errors.EXIT_STOPPED`) when they stopped before
 their end with a checkpoint saved (SIGTERM/SIGINT, or ``train.stop_after``); ``--resume`` continues them.
+
+SIGTERM (what a GUI Cancel sends first) and SIGINT (Ctrl-C) stop every command except ``finetune`` and
+``pretrain`` (which save a checkpoint on a stop and handle the signals themselves) with the temporary files of
+unfinished atomic writes removed: exit status 143 after SIGTERM, 130 after SIGINT.
 """
 from __future__ import annotations
 
@@ -18,6 +22,15 @@ import sys
 
 from . import __version__
 from .errors import DinomedError
+
+EXIT_SIGTERM = 143  # 128 + SIGTERM, the shell's convention
+EXIT_SIGINT = 130  # 128 + SIGINT
+# Commands that install their own stop handling (checkpoint on stop); main() leaves their signals alone.
+SELF_STOPPING = ("finetune", "pretrain")
+
+
+class Terminated(BaseException):
+    """Raised in the main thread by the SIGTERM handler, so that ``with`` blocks (atomic writes) unwind."""
 
 # Module names under dinomed.commands, in the order shown by --help. A module that does not exist yet is
 # skipped, so that parts of the CLI can land one at a time.
@@ -90,8 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    restore = None
+    if args.command not in SELF_STOPPING:
+        restore = _install_sigterm()
     try:
         return int(args.func(args) or 0)
+    except Terminated:
+        _stopped(args, "stopped by SIGTERM")
+        return EXIT_SIGTERM
     except DinomedError as exc:
         if getattr(args, "events", False):
             from .events import EventWriter
@@ -100,8 +119,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dinomed {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"dinomed {args.command}: interrupted", file=sys.stderr)
-        return 130
+        if args.command in SELF_STOPPING:
+            print(f"dinomed {args.command}: interrupted", file=sys.stderr)
+        else:
+            _stopped(args, "interrupted (SIGINT)")
+        return EXIT_SIGINT
+    finally:
+        if restore is not None:
+            restore()
+
+
+def _stopped(args, why: str) -> None:
+    from .atomic import remove_live_temps
+
+    removed = remove_live_temps()
+    message = f"{why}; no output was left half-written" + (f" ({len(removed)} temporary file(s) removed)" if removed else "")
+    if getattr(args, "events", False):
+        from .events import EventWriter
+
+        EventWriter(enabled=True).error(message)
+    print(f"dinomed {args.command}: {message}", file=sys.stderr)
+
+
+def _install_sigterm():
+    """Turn SIGTERM into :class:`Terminated` in the main thread; returns a function that restores the old
+    handler (main() is also called in-process by tests). A no-op outside the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

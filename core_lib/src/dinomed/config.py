@@ -29,7 +29,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import DinomedError
+from .errors import DinomedError, yaml_problem
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 MODALITY_PREFIXES = {"ct": "CT", "pet": "PET"}
@@ -68,7 +68,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml_value(text)
     except yaml.YAMLError as exc:
-        raise DinomedError(f"{path}: not valid YAML ({exc})") from None
+        raise DinomedError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -89,7 +89,7 @@ def parse_overrides(items: Iterable[str]) -> list[Layer]:
         try:
             value = yaml_value(text) if text.strip() else None
         except yaml.YAMLError as exc:
-            raise DinomedError(f"override {item!r}: the value is not valid YAML ({exc})") from None
+            raise DinomedError(f"override {item!r}: the value is not valid YAML ({yaml_problem(exc)})") from None
         values: dict = {}
         node = values
         for part in parts[:-1]:

@@ -20,3 +20,9 @@ EXIT_BAD_INPUT = 2  # a DinomedError: one line ``dinomed <cmd>: error: …`` on 
 # ``dinomed finetune|pretrain`` stopped before their end with a checkpoint saved: asked to stop (SIGTERM or SIGINT:
 # saved at the next step, on every rank at the same step) or train.stop_after reached; ``--resume`` continues
 EXIT_STOPPED = 3
+def yaml_problem(exc: Exception) -> str:
+    """A YAML parser error in one line: ``line L, column C: problem`` (PyYAML's own message spans 5-7 lines)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"

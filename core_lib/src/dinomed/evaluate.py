@@ -153,6 +153,9 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, out_csv: str | P
     for value, label in values.items():
         writer.writerow(["mean", label, value, *(_fmt(summary["per_class"][label][m]) for m in METRIC_NAMES), "", ""])
     writer.writerow(["mean", "all", "", *(_fmt(summary["mean"][m]) for m in METRIC_NAMES), "", ""])
+    # --out x.json writes the JSON report there and the CSV beside it (x.csv); any other name is the CSV
+    json_path = out_csv if out_csv.suffix.lower() == ".json" else out_csv.with_suffix(".json")
+    out_csv = out_csv.with_suffix(".csv") if out_csv.suffix.lower() == ".json" else out_csv
     atomic_write_text(out_csv, buffer.getvalue())
     stem = out_csv.with_suffix("") if out_csv.suffix.lower() == ".csv" else out_csv
     lesions_csv, strata_csv = Path(f"{stem}.lesions.csv"), Path(f"{stem}.strata.csv")
@@ -195,7 +198,6 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, out_csv: str | P
                    for label, by in strata.items()},
         "seconds": round(time.perf_counter() - started, 3),
     }
-    json_path = out_csv.with_suffix(".json") if out_csv.suffix.lower() != ".json" else out_csv.with_suffix(".metrics.json")
     atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
     events.artifact("metrics", str(out_csv))
     events.artifact("metrics_json", str(json_path))

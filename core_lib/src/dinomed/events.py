@@ -83,6 +83,13 @@ class EventWriter:
         if not self.enabled and not self.quiet:
             print(message, file=sys.stderr)
 
+    def warning(self, message: str) -> None:
+        """A legal but suspicious input (wrong units, wrong modality, unused PET, …): a ``log`` event with
+        ``level: warning`` (older readers show it as a log line) and, always, a ``WARNING:`` line on stderr."""
+        self.emit("log", message=f"WARNING: {message}", level="warning")
+        if not self.quiet:
+            print(f"WARNING: {message}", file=sys.stderr)
+
     def error(self, message: str) -> None:
         self.emit("error", message=message)
 

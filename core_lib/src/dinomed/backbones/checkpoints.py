@@ -92,16 +92,31 @@ def _read_tensor_file(path: Path) -> dict:
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror})") from None
+    # torch.save writes a zip archive (PK..); before torch 1.6 a bare pickle (protocol 2-5: 0x80 0x02..0x05)
+    if not (head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)):
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint ({len(head) if len(head) < 4 else 'its first 4'} bytes: {head!r}); "
+            "expected a file written by torch.save (a zip archive) or a .safetensors file"
+        )
+    try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe pickle"
+        import re
+
+        wanted = re.search(r"(?:Unsupported global|GLOBAL|global)[^A-Za-z_]*([A-Za-z_][\w.]*\.[\w]+)", str(exc))
+        what = f"it would import {wanted.group(1)}" if wanted else "it holds objects other than tensors"
         raise CheckpointError(
-            f"{path}: refused to load: the file is a pickle that needs code to load ({first}). Only safetensors "
-            "files and plain tensor checkpoints (torch.load weights_only=True) are accepted; convert it where you "
-            "trust it, e.g. torch.save(torch.load(f, weights_only=False)['model'], 'clean.pth')"
+            f"{path}: refused to load: the checkpoint is a pickle that would run code ({what}); only safetensors and "
+            "plain-tensor checkpoints load. Convert it where you trust it: "
+            "torch.save(torch.load(f, weights_only=False)['model'], 'clean.pth')"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+    except Exception as exc:  # a damaged archive raises RuntimeError, EOFError, KeyError, ValueError, …
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({text[:160]})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found a {type(obj).__name__}")
     return obj

@@ -17,7 +17,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--model", required=True, metavar="MODEL_DIR", help="model folder (model.json + model.safetensors)")
     p.add_argument("--data", required=True, metavar="DATASET_DIR", help="labeled dataset folder (nnU-Net raw layout)")
-    p.add_argument("--out", required=True, metavar="METRICS.csv", help="output table (CSV; JSON written beside it)")
+    p.add_argument("--out", required=True, metavar="METRICS.csv",
+                   help="output table: METRICS.csv (the JSON report is written beside it as METRICS.json) or "
+                        "METRICS.json (the CSV beside it as METRICS.csv)")
     p.add_argument("--cases", default="all",
                    help="all (default), heldout (the model's validation cases from its provenance), or NAME,NAME,…")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
@@ -36,7 +38,10 @@ def run(args) -> int:
     from ..events import EventWriter
     from ..evaluate import evaluate_model
 
+    from pathlib import Path
+
     from ..errors import DinomedError
+    from ..safety import check_writable, refuse_output_over_input
 
     events = EventWriter(enabled=args.events)
     try:
@@ -44,6 +49,11 @@ def run(args) -> int:
     except ValueError:
         raise DinomedError(f"--size-thresholds-ml: expected two volumes in ml such as 1,10, found {args.size_thresholds_ml!r}") from None
     lesion_labels = [n.strip() for n in args.lesion_labels.split(",") if n.strip()] if args.lesion_labels else None
+    out = check_writable(args.out, "metrics table", (".csv", ".json"))
+    both = [("--out", out), ("the metrics beside --out", out.with_suffix(".json" if out.suffix.lower() == ".csv" else ".csv"))]
+    model = Path(args.model)
+    refuse_output_over_input(both, [("--model", model / "model.json"), ("--model weights", model / "model.safetensors"),
+                                    ("the dataset's dataset.json", Path(args.data) / "dataset.json")])
     report = evaluate_model(args.model, args.data, args.out, cases=args.cases, device=args.device, events=events,
                             nsd_tolerance_mm=args.nsd_tolerance_mm, size_thresholds_ml=thresholds,
                             lesion_labels=lesion_labels)

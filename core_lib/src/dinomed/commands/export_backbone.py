@@ -23,7 +23,15 @@ def run(args: argparse.Namespace) -> int:
     from ..events import EventWriter
     from ..pretrain import export_backbone
 
+    from pathlib import Path
+
+    from ..safety import check_writable, refuse_output_over_input
+
     events = EventWriter(enabled=args.events)
+    check_writable(args.out, "backbone")
+    run = Path(args.run_dir)
+    sources = [("RUN_DIR", run)] + ([("the run's teacher_checkpoint.pth", run / "teacher_checkpoint.pth")] if run.is_dir() else [])
+    refuse_output_over_input([("--out", args.out)], sources)
     path, report = export_backbone(args.run_dir, args.out)
     events.log(report.summary())
     events.artifact("backbone", str(path))

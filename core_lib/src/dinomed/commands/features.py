@@ -56,7 +56,10 @@ def register(subparsers) -> None:
     p.add_argument("--cosine-out", default=None, metavar="OUT", help="write the cosine map (float32 in [-1, 1]), e.g. cosine.nii.gz")
     p.add_argument("--png", default=None, metavar="DIR", help="write PNG figures (features_image/pca/cosine/panel.png) to DIR")
     p.add_argument("--slice", type=int, default=None, help="axial slice (z index) of the figures (default: the point's, else the middle)")
-    p.add_argument("--cache", default=None, metavar="DIR", help="feature cache folder (default: dinomed_features/ beside the image)")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="feature cache folder (default: dinomed_features/ beside the image, or $XDG_CACHE_HOME/dinomed/"
+                        "features, i.e. ~/.cache/dinomed/features, when the image's folder is read-only); the cache is "
+                        "optional: when it cannot be written, a warning is printed and the maps are still written")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
     p.add_argument("--batch-size", type=int, default=8, help="slices per forward pass (default 8)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N] (default auto)")
@@ -112,6 +115,19 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise DinomedError(f"--batch-size must be at least 1, found {args.batch_size}")
 
+    from ..io import IMAGE_SUFFIXES
+    from ..safety import check_writable, refuse_output_over_input
+
+    writable = tuple(x for x in IMAGE_SUFFIXES if x not in (".nhdr", ".mhd"))
+    if args.pca:
+        check_writable(args.pca, "PCA map", writable)
+    if args.cosine_out:
+        check_writable(args.cosine_out, "cosine map", writable)
+    if args.png:
+        check_writable(__import__("pathlib").Path(args.png) / "features_panel.png", "PNG figures")
+    refuse_output_over_input([("--pca", args.pca), ("--cosine-out", args.cosine_out)],
+                             [("--image", args.image), ("--pet", args.pet), ("--mask", args.mask),
+                              ("--backbone", args.backbone)])
     image = read_image(args.image)
     pet = read_image(args.pet) if args.pet else None
     image_modality = "CT" if pet is not None else ("PET" if args.modality == "PET" else "CT")

@@ -17,6 +17,10 @@ def register(subparsers) -> None:
     p.add_argument("--pet", default=None, help="PET image in SUV, or a PET DICOM folder (converted to SUV)")
     p.add_argument("--out", required=True, metavar="SEG", help="output label map (.nii.gz, .nii, .nrrd, .mha)")
     p.add_argument("--stats", default=None, metavar="STATS", help="lesion statistics table (.csv or .json); needs --pet")
+    p.add_argument("--ct-series", default=None, metavar="UID",
+                   help="SeriesInstanceUID of the CT series when the --ct DICOM folder holds several")
+    p.add_argument("--pet-series", default=None, metavar="UID",
+                   help="SeriesInstanceUID of the PET series when the --pet DICOM folder holds several")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--events", action="store_true", help="write JSON-lines events on stdout (progress, artifact, done)")
     p.set_defaults(func=run)
@@ -28,10 +32,12 @@ def run(args) -> int:
 
     events = EventWriter(enabled=args.events)
     result = segment_files(args.model, args.ct, args.out, pet_path=args.pet, stats_path=args.stats,
-                           device=args.device, events=events)
+                           device=args.device, events=events, ct_series=args.ct_series, pet_series=args.pet_series)
     message = f"segmented in {result.seconds:.1f} s on {result.device} ({result.precision})"
     if args.pet:
         message += f"; {result.lesion_count} lesion(s)"
+    if result.warnings:
+        message += f"; {len(result.warnings)} warning(s), listed in {result.paths.get('labels')}"
     events.log(message)
     events.done(seconds=round(result.seconds, 3), lesions=result.lesion_count)
     return 0

@@ -26,7 +26,16 @@ def run(args) -> int:
     from ..io import write_image
     from ..petct import suv_from_dicom
 
+    from pathlib import Path
+
+    from ..io import IMAGE_SUFFIXES
+    from ..safety import check_writable, refuse_output_over_input
+
     events = EventWriter(enabled=args.events)
+    source = Path(args.pet)
+    inputs = [("PET_DICOM", f) for f in (sorted(source.iterdir()) if source.is_dir() else [source])]
+    refuse_output_over_input([("--out", args.out)], inputs)
+    check_writable(args.out, "SUV image", tuple(x for x in IMAGE_SUFFIXES if x not in (".nhdr", ".mhd")))
     image, factors = suv_from_dicom(args.pet, series_uid=args.series_uid, kind=args.kind, return_factors=True)
     write_image(image, args.out)
     if args.json:

@@ -366,7 +366,13 @@ def compute_features(
     }
     volume = FeatureVolume(out, image_geometry, patch_size, meta)
     if cache_file is not None:
-        volume.save(cache_file)
-        if events is not None:
-            events.artifact("features", str(cache_file))
+        try:
+            volume.save(cache_file)
+        except (DinomedError, OSError) as exc:  # the cache is an optimisation: go on without it
+            message = (f"the feature cache {cache_dir} cannot be written ({getattr(exc, 'strerror', None) or exc}); "
+                       "going on without it (pass --cache DIR to choose a writable folder, or --no-cache)")
+            log.warning(message) if events is None else events.warning(message)
+        else:
+            if events is not None:
+                events.artifact("features", str(cache_file))
     return volume

@@ -179,6 +179,7 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
     dist_info, device = init_distributed(cfg["train"]["device"])
     events = events if (events is not None and dist_info.main) else EventWriter(enabled=False, quiet=not dist_info.main)
     stop = StopRequest()  # a stop asked for during the set-up takes effect after the first step
+    out_existed = Path(out_dir).exists()
     try:
         stop.__enter__()
         out_dir = Path(out_dir)
@@ -379,8 +380,11 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
                 dist.all_reduce(flags)
                 flags[0] /= dist_info.world_size
             last = step == max_steps or bool(flags[1] > 0)  # the time budget ends the run like its last step
-            check_finite_loss(float(flags[0]), f"step {step}", "lower optim.lr or check the data (state before this "
-                              "step is in the last checkpoint)")
+            if not math.isfinite(float(flags[0])):
+                saved = (f"the last checkpoint, from before this step, is {state_path}; continue from it with "
+                         "--resume and a lower optim.lr=…"
+                         if state_path.is_file() else "no checkpoint had been saved yet, so the run folder is removed")
+                check_finite_loss(float(flags[0]), f"step {step}", f"lower optim.lr or check the data ({saved})")
             if step % log_every == 0 or last:
                 record = {"phase": "train", "step": step, "epoch": sampler.epoch_of((step - 1) * global_batch),
                           "loss": float(flags[0]), "lr": optimizer.param_groups[-1]["lr"],
@@ -405,12 +409,32 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
         return FinetuneResult(out_dir=out_dir, step=step, best_step=best_step, best_dice=best_dice, stopped=stopped,
                               history=history, train_cases=train_names, val_cases=val_names,
                               main_process=dist_info.main)
+    except Exception:
+        if dist_info.main and not resume:
+            remove_unstarted_run(Path(out_dir), out_existed)
+        raise
     finally:
         stop.__exit__()
         if dist_info.initialised_here:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def remove_unstarted_run(out_dir: Path, out_existed: bool) -> None:
+    """After a failure before the first checkpoint, remove what the run wrote (its config.yaml, the training
+    folder, and ``out_dir`` itself when this run created it), so that no folder holding only a config is left
+    looking like a run. A run with a checkpoint, or a model folder already saved, is left as it is."""
+    import shutil
+
+    state_dir = out_dir / STATE_DIR
+    if (state_dir / STATE_FILE).exists() or (out_dir / "model.safetensors").exists():
+        return
+    for name in ("config.yaml", "history.json"):
+        (state_dir / name).unlink(missing_ok=True)
+    for folder in (state_dir, out_dir if not out_existed else None):
+        if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _batches(loader, step: int, max_steps: int):

@@ -71,36 +71,36 @@ def modalities(model_json: dict) -> list[str]:
 
 def check_finite(image: sitk.Image, name: str) -> None:
     """Refuse a volume with NaN or infinite voxels (a broken conversion; a model would spread them)."""
-    array = sitk.GetArrayViewFromImage(image)
-    if np.issubdtype(array.dtype, np.floating):
-        bad = int(np.count_nonzero(~np.isfinite(array)))
-        if bad:
-            raise InputImageError(
-                f"{name}: {bad} of {array.size} voxels are NaN or infinite; expected finite intensities "
-                "(fix or mask them before segmenting)"
-            )
+    from ..io.volumes import check_finite_voxels
+
+    check_finite_voxels(image, name)
 
 
-def read_ct(path: str | os.PathLike) -> sitk.Image:
-    """The CT (HU) from a file or a DICOM series folder, checked to be a finite 3D volume."""
+def read_ct(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
+    """The CT (HU) from a file or a DICOM series folder (``series_uid`` picks one series of a mixed folder),
+    checked to be a finite 3D volume."""
     from ..io import read_image
 
-    ct = read_image(path)
-    check_finite(ct, str(path))
-    return ct
+    return read_image(path, series_uid=series_uid)
 
 
-def read_pet_suv(path: str | os.PathLike) -> sitk.Image:
-    """The PET in SUV (body weight): a DICOM folder is converted with :func:`dinomed.petct.suv_from_dicom`;
-    a file (NIfTI, NRRD, …) is taken to be in SUV already and refused when its values look like Bq/ml."""
+def read_pet_suv(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
+    """The PET in SUV (body weight): a DICOM folder is converted with :func:`dinomed.petct.suv_from_dicom`
+    (``series_uid`` picks one series of a mixed folder); a file (NIfTI, NRRD, …) is taken to be in SUV already
+    and refused when its values look like Bq/ml or like a CT in HU."""
     from ..io import read_image
     from ..preprocess import check_pet_is_suv
 
     path = Path(path)
     if path.is_dir():
         from ..petct import suv_from_dicom
+        from ..safety import dicom_modality
 
-        pet = suv_from_dicom(path)
+        tag = dicom_modality(path, series_uid)
+        if tag and tag.upper() == "CT":  # before the SUV conversion, whose missing-tag message would mislead
+            raise DinomedError(f"PET {path}: given as the PET but its DICOM Modality is CT; check that --pet is the "
+                               "PET and --ct the CT")
+        pet = suv_from_dicom(path, series_uid=series_uid)
     else:
         pet = read_image(path)
     check_finite(pet, str(path))
@@ -229,7 +229,7 @@ def remove_small_components(labels: sitk.Image, minimum_voxels: dict[int, int]) 
     """``labels`` with every connected component (26-connected) of a label smaller than its minimum set to
     background 0; labels without a minimum are kept as they are."""
     array = sitk.GetArrayFromImage(labels)
-    present = set(np.unique(array).tolist())
+    present = set(np.flatnonzero(label_counts(labels)).tolist()) if array.dtype == np.uint8 else set(np.unique(array).tolist())
     for value, minimum in minimum_voxels.items():
         if value not in present or minimum <= 1:
             continue
@@ -258,37 +258,41 @@ def label_sidecar_path(seg_path: str | os.PathLike) -> Path:
     return seg_path.with_name(stem + ".labels.json")
 
 
-def label_table(model_json: dict, labels: sitk.Image | None = None) -> dict:
+def label_counts(labels: sitk.Image) -> np.ndarray:
+    """Voxels per label value 0..255 of a uint8 label map, slab by slab (a whole-volume bincount would make an
+    int64 copy: 1.7 GB on 512x512x800)."""
+    array = sitk.GetArrayViewFromImage(labels)
+    counts = np.zeros(256, dtype=np.int64)
+    step = max(1, (16 << 20) // max(1, array[0].size))
+    for start in range(0, array.shape[0], step):
+        counts += np.bincount(array[start:start + step].ravel(), minlength=256)[:256]
+    return counts
+
+
+def label_table(model_json: dict, labels: sitk.Image | None = None, warnings: list[str] | None = None) -> dict:
     """The sidecar document: format, model name, and each label (value, name, colour, lesion flag, SNOMED-CT
-    terminology) with, when ``labels`` is given, its voxel count and volume in ml."""
+    terminology) with, when ``labels`` is given, its voxel count and volume in ml; ``warnings`` lists what was
+    suspicious about the inputs (wrong units or modality, an unused PET), so that a reader of the label map
+    later sees it too."""
     entries = [dict(lab) for lab in (model_json.get("labels") or [])]
     if labels is not None:
-        counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel(), minlength=256)
+        counts = label_counts(labels)
         voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
         for lab in entries:
             lab["voxels"] = int(counts[int(lab["value"])])
             lab["volume_ml"] = round(lab["voxels"] * voxel_ml, 4)
-    return {"format": LABELS_FORMAT, "model": model_json.get("name"), "background": 0, "labels": entries}
+    doc = {"format": LABELS_FORMAT, "model": model_json.get("name"), "background": 0, "labels": entries}
+    if warnings:
+        doc["warnings"] = list(warnings)
+    return doc
 
 
 def check_output_path(path: str | os.PathLike, what: str, suffixes: tuple[str, ...]) -> Path:
     """Refuse, before any work, an output path that cannot be written: unknown suffix, a folder in the way, or
-    a parent that is a file or not writable."""
-    path = Path(path)
-    name = path.name.lower()
-    if not any(name.endswith(s) for s in suffixes):
-        raise DinomedError(f"{path}: cannot write the {what} here; expected a file name ending in {', '.join(suffixes)}")
-    if path.is_dir():
-        raise DinomedError(f"{path}: cannot write the {what}: a folder of that name is in the way")
-    parent = path.parent if str(path.parent) else Path(".")
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise DinomedError(f"{path}: cannot write the {what}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise DinomedError(f"{path}: cannot write the {what}: the folder {probe} is not writable")
-    return path
+    a parent that is a file or not writable (:func:`dinomed.safety.check_writable`)."""
+    from ..safety import check_writable
+
+    return check_writable(path, what, suffixes)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -306,6 +310,7 @@ class SegmentationResult:
     seconds: float
     lesions: list = field(default_factory=list)
     paths: dict = field(default_factory=dict)  # kind -> written path
+    warnings: list = field(default_factory=list)  # suspicious inputs, also in the label table
 
     @property
     def lesion_count(self) -> int:
@@ -353,13 +358,20 @@ def segment_files(
     stats_path: str | os.PathLike | None = None,
     device: str = "auto",
     events=None,
+    ct_series: str | None = None,
+    pet_series: str | None = None,
 ) -> SegmentationResult:
     """``dinomed segment``: segment the CT (and PET) files with the model folder and write the outputs.
 
     Writes ``out_path`` (label map, uint8, on the CT grid), its label table (:func:`label_sidecar_path`) and,
     with a PET and ``stats_path``, the lesion statistics (CSV or JSON by suffix). Everything is validated
-    before the model runs; nothing is written when an input is bad.
+    before the model runs; nothing is written when an input is bad, and no output may name an input.
+    ``ct_series`` / ``pet_series`` pick a series (SeriesInstanceUID) of a DICOM folder that holds several.
+    Suspicious inputs (see :mod:`dinomed.safety`) are warned about and listed under ``warnings`` in the label
+    table.
     """
+    from ..safety import ct_warnings, dicom_modality, pet_warnings, refuse_ct_as_pet, refuse_output_over_input
+
     import time
 
     from ..events import EventWriter
@@ -374,6 +386,9 @@ def segment_files(
         stats_path = check_output_path(stats_path, "lesion statistics", STATS_SUFFIXES)
         if pet_path is None:
             raise DinomedError(f"{stats_path}: lesion statistics need a PET (SUV); pass --pet or leave out --stats")
+    outputs = [("--out", out_path), ("the label table", label_sidecar_path(out_path)), ("--stats", stats_path)]
+    refuse_output_over_input(outputs, [("--ct", ct_path), ("--pet", pet_path), ("--model", Path(model_dir) / "model.json"),
+                                       ("--model weights", Path(model_dir) / "model.safetensors")])
 
     model_json = read_model_json(model_dir)
     if not (Path(model_dir) / "model.safetensors").is_file():
@@ -384,10 +399,39 @@ def segment_files(
             f"model {model_json.get('name', model_dir)!r} ({model_dir}) needs a PET (inputs: {', '.join(mods)}) but none "
             "was given; pass --pet PET (SUV image or PET DICOM folder)"
         )
-    ct = read_ct(ct_path)
-    pet = None
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        if emit_now:
+            events.warning(message)
+
+    emit_now = False  # the input warnings are shown once both inputs are known to be readable
+
+    ct = read_ct(ct_path, ct_series)
+    for message in ct_warnings(ct, f"CT {ct_path}", dicom_modality(ct_path, ct_series)):
+        warn(message)
+    pet = pet_fov = None
     if pet_path is not None:
-        pet = pet_on_ct_grid(read_pet_suv(pet_path), ct, pet_name=f"PET {pet_path}", ct_name=f"CT {ct_path}")
+        pet_native = read_pet_suv(pet_path, pet_series)
+        refuse_ct_as_pet(pet_native, f"PET {pet_path}", dicom_modality(pet_path, pet_series))
+        for message in pet_warnings(pet_native, f"PET {pet_path}"):
+            warn(message)
+        pet = pet_on_ct_grid(pet_native, ct, pet_name=f"PET {pet_path}", ct_name=f"CT {ct_path}")
+        if lesion_label_values(model_json):
+            from ..petct import field_of_view_mask
+
+            pet_fov = field_of_view_mask(pet_native, ct)
+        del pet_native
+        if "PET" not in mods:
+            lesion_note = ("its lesion statistics come from the labels it predicts on the CT alone"
+                           if lesion_label_values(model_json) else
+                           "it has no lesion labels, so no lesion is measured on the PET")
+            warn(f"model {model_json.get('name', model_dir)!r} reads only {', '.join(mods)}: the PET {pet_path} is not "
+                 f"used for the segmentation; {lesion_note}. Use a PET/CT model to segment lesions")
+    for message in warnings:
+        events.warning(message)
+    emit_now = True
     torch_device = resolve_device(device)
     model, model_json = load_model_folder(model_dir, device=torch_device)
     dtype = autocast_dtype(torch_device)
@@ -402,13 +446,17 @@ def segment_files(
 
     lesions = []
     if pet is not None:
-        lesions = _lesion_statistics(labels, pet, model_json)
+        from ..petct import fov_warnings
+
+        lesions = _lesion_statistics(labels, pet, model_json, pet_fov)
+        for message in fov_warnings(lesions, f"the PET {pet_path}"):
+            warn(message)
 
     paths = {}
     write_image(labels, out_path)
     paths["segmentation"] = out_path
     sidecar = label_sidecar_path(out_path)
-    atomic_write_text(sidecar, json.dumps(label_table(model_json, labels), indent=2) + "\n")
+    atomic_write_text(sidecar, json.dumps(label_table(model_json, labels, warnings), indent=2) + "\n")
     paths["labels"] = sidecar
     if stats_path is not None:
         _write_stats(lesions, stats_path)
@@ -417,7 +465,7 @@ def segment_files(
         events.artifact(kind, str(path))
     seconds = time.perf_counter() - started
     return SegmentationResult(labels=labels, model_json=model_json, device=str(torch_device), precision=precision,
-                              seconds=seconds, lesions=lesions, paths=paths)
+                              seconds=seconds, lesions=lesions, paths=paths, warnings=warnings)
 
 
 def lesion_label_values(model_json: dict) -> list[int]:
@@ -425,7 +473,7 @@ def lesion_label_values(model_json: dict) -> list[int]:
     return [int(lab["value"]) for lab in (model_json.get("labels") or []) if lab.get("lesion")]
 
 
-def _lesion_statistics(labels: sitk.Image, pet_on_ct: sitk.Image, model_json: dict) -> list:
+def _lesion_statistics(labels: sitk.Image, pet_on_ct: sitk.Image, model_json: dict, pet_fov=None) -> list:
     """PET statistics (SUVmax, SUVpeak, SUVmean, MTV, TLG) per connected lesion of each lesion label, and
     per label in total (:func:`dinomed.petct.lesion_statistics`)."""
     from ..petct import lesion_statistics
@@ -434,7 +482,7 @@ def _lesion_statistics(labels: sitk.Image, pet_on_ct: sitk.Image, model_json: di
     if not values:
         return []
     names = {int(lab["value"]): str(lab.get("name", lab["value"])) for lab in model_json.get("labels") or []}
-    return lesion_statistics(pet_on_ct, labels, label_values=values, label_names=names)
+    return lesion_statistics(pet_on_ct, labels, label_values=values, label_names=names, pet_fov=pet_fov)
 
 
 def _write_stats(lesions: list, path: Path) -> None:

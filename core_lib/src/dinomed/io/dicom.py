@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import DinomedError, InputImageError
-from .volumes import _read_file, check_volume
+from .volumes import _first_line, _read_file, check_volume
 
 SOP_CLASS = {
     "CT": "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
@@ -68,9 +68,81 @@ def select_series_files(folder: str | os.PathLike, series_uid: str | None = None
         return match[0]["files"]
     if len(series) > 1:
         raise InputImageError(
-            f"{folder}: holds {len(series)} DICOM series; pick one with its SeriesInstanceUID: {_describe(series)}"
+            f"{folder}: holds {len(series)} DICOM series; pick one by its SeriesInstanceUID (dinomed segment: "
+            f"--ct-series UID or --pet-series UID) or move it into a folder of its own: {_describe(series)}"
         )
     return series[0]["files"]
+
+
+def check_pixel_bytes(path: str | os.PathLike):
+    """The header of one DICOM file, after checking that its (uncompressed) pixel data is complete: GDCM reads
+    a truncated slice as zeros without a word. Returns the header (pydicom Dataset, no pixels)."""
+    import pydicom
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            head = pydicom.dcmread(handle, stop_before_pixels=True)
+            pixel_start = handle.tell()
+    except Exception as exc:  # pydicom raises several types for a damaged header
+        raise InputImageError(f"{path}: not a readable DICOM file ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})") from None
+    syntax = getattr(getattr(head, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and getattr(syntax, "is_compressed", False):
+        return head  # encapsulated frames: their length is not known from the header
+    rows, cols = int(head.get("Rows", 0) or 0), int(head.get("Columns", 0) or 0)
+    bits = int(head.get("BitsAllocated", 0) or 0)
+    if not (rows and cols and bits):
+        return head
+    frames = int(head.get("NumberOfFrames", 1) or 1)
+    samples = int(head.get("SamplesPerPixel", 1) or 1)
+    expected = rows * cols * frames * samples * bits // 8
+    available = path.stat().st_size - pixel_start - 12  # the PixelData element's tag, VR and length
+    if available < expected:
+        raise InputImageError(
+            f"{path}: the DICOM file is truncated: its header describes {rows}x{cols}x{frames} pixels of {bits} bits "
+            f"({expected} bytes) but at most {max(0, available)} bytes follow; copy or export the series again"
+        )
+    return head
+
+
+def _refuse_unread_files(folder: Path, series_files: list[str]) -> None:
+    """GDCM leaves a truncated or damaged DICOM file out of the series without a word (the volume then lacks a
+    slice): refuse a folder in which a file with the DICOM preamble belongs to no series."""
+    listed = {os.path.realpath(f) for f in series_files}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.upper() == "DICOMDIR" or os.path.realpath(path) in listed:
+            continue
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(128)
+                magic = handle.read(4)
+        except OSError:
+            continue
+        if magic != b"DICM":
+            continue
+        others = list_dicom_series(folder)
+        if any(os.path.realpath(path) in {os.path.realpath(f) for f in s["files"]} for s in others):
+            continue  # a file of another series of a mixed folder
+        check_pixel_bytes(path)  # names the truncation when that is what it is
+        raise InputImageError(f"{path}: a DICOM file of this folder could not be read (damaged?), so the series would "
+                              "lack a slice; repair or remove it")
+
+
+def _refuse_missing_slices(folder: Path, positions: list[float]) -> None:
+    """Refuse a series whose slice positions have a gap (a missing file): the volume would be stretched."""
+    if len(positions) < 3:
+        return
+    steps = np.diff(np.sort(np.asarray(positions)))
+    typical = float(np.median(steps))
+    if typical <= 0:
+        return
+    gaps = np.flatnonzero(steps > 1.5 * typical)
+    if gaps.size:
+        at = np.sort(np.asarray(positions))[gaps[0]]
+        raise InputImageError(
+            f"{folder}: the DICOM series has {gaps.size} gap(s) between slices (e.g. {steps[gaps[0]]:.2f} mm after the "
+            f"slice at {at:.2f} mm, where the others are {typical:.2f} mm apart): a slice is missing; copy the series again"
+        )
 
 
 def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
@@ -82,13 +154,19 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
         return _read_file(Path(files[0]))
     # The series reader takes its pixel type from the first slice; PET slices each carry their own float
     # RescaleSlope, so ask for float whenever any slice is rescaled by a non-integer.
+    _refuse_unread_files(Path(folder), files)
     rescaled = False
+    positions = []
     for f in files:
-        head = pydicom.dcmread(f, stop_before_pixels=True)
+        head = check_pixel_bytes(f)
         slope, intercept = float(head.get("RescaleSlope", 1) or 1), float(head.get("RescaleIntercept", 0) or 0)
         if slope != round(slope) or intercept != round(intercept) or slope != 1.0:
             rescaled = True
-            break
+        iop, ipp = head.get("ImageOrientationPatient"), head.get("ImagePositionPatient")
+        if iop is not None and ipp is not None and len(iop) == 6:
+            normal = np.cross([float(v) for v in iop[:3]], [float(v) for v in iop[3:]])
+            positions.append(float(np.dot(normal, [float(v) for v in ipp])))
+    _refuse_missing_slices(Path(folder), positions)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     if rescaled:
@@ -96,7 +174,10 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
     try:
         return reader.Execute()
     except RuntimeError as exc:
-        raise InputImageError(f"{folder}: the DICOM series could not be read as one volume: {exc}") from None
+        raise InputImageError(
+            f"{folder}: the DICOM series could not be read as one volume (a truncated or damaged slice?): "
+            f"{_first_line(exc)}"
+        ) from None
 
 
 def _stored_values(plane: np.ndarray, integer: bool, slope: float) -> np.ndarray:

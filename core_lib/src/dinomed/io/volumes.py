@@ -60,7 +60,96 @@ def check_volume(image: sitk.Image | np.ndarray, name: str = "image", min_slices
     return image
 
 
-def _read_file(path: Path) -> sitk.Image:
+def _first_line(exc: BaseException) -> str:
+    """The most telling line of an ITK/GDCM message (they span 2-8 lines with C++ file names)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Exception thrown", "/", "Reason:")) and ".cxx:" not in ln]
+    text = (useful or lines or ["unknown error"])[-1]
+    text = text.split("): ", 1)[1] if text.startswith("ITK ERROR:") and "): " in text else text
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_CHUNK = 16 << 20  # bytes per read while checking a NIfTI's voxel stream
+
+
+def check_nifti_stream(path: str | os.PathLike, finite: bool = True) -> None:
+    """Read a NIfTI file's voxel stream once, in chunks, and refuse it when it is truncated (fewer bytes than
+    the header's dimensions need, or a gzip stream that ends early or fails its CRC) or when a float volume
+    holds NaN or infinite values.
+
+    ITK's NIfTI reader zero-fills a truncated file and reads NaN as 0 (both silently); nibabel parses the
+    NIfTI-1/NIfTI-2 header (endianness, vox_offset, datatype) and gzip checks the stream, in constant memory.
+    """
+    import gzip
+    import zlib
+
+    import nibabel as nib
+
+    path = Path(path)
+    try:
+        header = nib.load(str(path)).header
+        dtype = header.get_data_dtype()
+        offset = int(header.get_data_offset())
+        shape = tuple(int(v) for v in header.get_data_shape())
+    except Exception as exc:  # nibabel raises several types for a damaged header
+        raise InputImageError(f"{path}: not a readable NIfTI header ({_first_line(exc)})") from None
+    needed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    floating = finite and dtype.kind == "f"
+    item = dtype.itemsize
+    bad = got = 0
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as stream:
+            stream.seek(offset)
+            carry = b""
+            while True:
+                chunk = stream.read(_CHUNK)
+                if not chunk:
+                    break
+                got += len(chunk)
+                if floating:
+                    data = carry + chunk
+                    usable = len(data) - len(data) % item
+                    values = np.frombuffer(data[:usable], dtype=dtype)
+                    bad += int(values.size - np.count_nonzero(np.isfinite(values)))
+                    carry = data[usable:]
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputImageError(
+            f"{path}: the file is truncated or damaged: its compressed stream ends early or is corrupt "
+            f"({_first_line(exc) or type(exc).__name__}; the header describes {needed} voxel bytes); "
+            "copy or export it again"
+        ) from None
+    if got < needed:
+        raise InputImageError(
+            f"{path}: the file is truncated: the header describes {shape} voxels ({needed} bytes) but only "
+            f"{got} bytes follow; copy or export it again"
+        )
+    if bad:
+        raise InputImageError(
+            f"{path}: {bad} of {int(np.prod(shape))} voxels are NaN or infinite; expected finite intensities "
+            "(a broken conversion; fix or mask them first)"
+        )
+
+
+def check_finite_voxels(image: sitk.Image, name: str) -> None:
+    """Refuse a volume with any NaN or infinite voxel, slab by slab (no whole-volume temporary)."""
+    array = sitk.GetArrayViewFromImage(image)
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    bad = 0
+    step = max(1, (8 << 20) // max(1, array[0].size))
+    for start in range(0, array.shape[0], step):
+        slab = array[start:start + step]
+        bad += int(slab.size - np.count_nonzero(np.isfinite(slab)))
+    if bad:
+        raise InputImageError(
+            f"{name}: {bad} of {array.size} voxels are NaN or infinite; expected finite intensities "
+            "(a broken conversion; fix or mask them first)"
+        )
+
+
+def _read_file(path: Path, allow_nonfinite: bool = False) -> sitk.Image:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -79,17 +168,26 @@ def _read_file(path: Path) -> sitk.Image:
         )
     if dims != 3:
         raise InputImageError(f"{path}: expected a 3D volume, found a {dims}D image of size {reader.GetSize()}")
+    if reader.GetImageIO() == "NiftiImageIO" or path.name.lower().endswith(NIFTI_SUFFIXES):
+        check_nifti_stream(path, finite=not allow_nonfinite)
     try:
         return reader.Execute()
     except RuntimeError as exc:
-        raise InputImageError(f"{path}: the image header was read but its voxels could not be: {exc}") from None
+        raise InputImageError(
+            f"{path}: the header was read but the voxel data could not be: the file is truncated or damaged "
+            f"({_first_line(exc)})"
+        ) from None
 
 
-def read_image(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
+def read_image(path: str | os.PathLike, series_uid: str | None = None, allow_nonfinite: bool = False) -> sitk.Image:
     """Read a 3D volume with its geometry from a file or a DICOM series folder.
 
     A folder is read as a DICOM series (slices sorted by GDCM along the slice normal). When the folder holds
     several series, ``series_uid`` (SeriesInstanceUID) picks one; without it the error lists them.
+
+    One policy for every format (NIfTI, NRRD, MetaImage, DICOM): a truncated or damaged file and a volume
+    with NaN or infinite voxels are refused with :class:`InputImageError` (``allow_nonfinite`` lets NaN
+    through, for maps that use it on purpose, e.g. a 2D cosine map).
     """
     path = Path(path)
     if not path.exists():
@@ -99,8 +197,11 @@ def read_image(path: str | os.PathLike, series_uid: str | None = None) -> sitk.I
 
         image = read_dicom_series(path, series_uid=series_uid)
     else:
-        image = _read_file(path)
-    return check_volume(image, str(path))
+        image = _read_file(path, allow_nonfinite)
+    check_volume(image, str(path))
+    if not allow_nonfinite:
+        check_finite_voxels(image, str(path))
+    return image
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:

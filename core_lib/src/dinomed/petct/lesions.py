@@ -58,6 +58,7 @@ class LesionStats:
     centroid_i: float
     centroid_j: float
     centroid_k: float
+    outside_pet_fov_voxels: int = 0  # lesion voxels where the PET has no data (its SUVs there read as 0)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -76,10 +77,10 @@ def suv_peak(pet: np.ndarray, hottest_zyx: tuple[int, int, int], spacing_zyx, ra
     offsets = _sphere_offsets(np.asarray(spacing_zyx, dtype=np.float64), radius_mm) + np.asarray(hottest_zyx)
     inside = np.all((offsets >= 0) & (offsets < np.asarray(pet.shape)), axis=1)
     idx = offsets[inside]
-    return float(pet[idx[:, 0], idx[:, 1], idx[:, 2]].mean())
+    return float(pet[idx[:, 0], idx[:, 1], idx[:, 2]].astype(np.float64).mean())
 
 
-def _row(label, name, lesion, pet, spacing_zyx, image, coords, values) -> LesionStats:
+def _row(label, name, lesion, pet, spacing_zyx, image, coords, values, fov=None) -> LesionStats:
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
     suv_mean = float(values.mean())
     mtv = values.size * voxel_ml
@@ -95,6 +96,7 @@ def _row(label, name, lesion, pet, spacing_zyx, image, coords, values) -> Lesion
         suv_mean=suv_mean, tlg=suv_mean * mtv,
         centroid_x_mm=float(lps[0]), centroid_y_mm=float(lps[1]), centroid_z_mm=float(lps[2]),
         centroid_i=centroid_xyz[0], centroid_j=centroid_xyz[1], centroid_k=centroid_xyz[2],
+        outside_pet_fov_voxels=0 if fov is None else int(np.count_nonzero(fov[coords[:, 0], coords[:, 1], coords[:, 2]] == 0)),
     )
 
 
@@ -103,12 +105,15 @@ def lesion_statistics(
     labels: sitk.Image,
     label_values: Iterable[int] | None = None,
     label_names: Mapping[int, str] | None = None,
+    pet_fov: sitk.Image | None = None,
 ) -> list[LesionStats]:
     """Per connected lesion and per label in total: SUVmax, SUVpeak, SUVmean, MTV, TLG, voxels, centroid.
 
     ``label_values`` defaults to every non-zero value in ``labels``. Rows come per label value: its lesions
     by decreasing MTV, then its ``total`` row. Raises :class:`InputImageError` when the PET is not on the
-    label grid (resample it first) or the label map is not an integer volume.
+    label grid (resample it first) or the label map is not an integer volume. With ``pet_fov`` (a mask on the
+    label grid, :func:`dinomed.petct.field_of_view_mask`) each row counts its voxels outside the PET's field of
+    view in ``outside_pet_fov_voxels``.
     """
     if not same_grid(pet_suv, labels):
         raise InputImageError(
@@ -122,10 +127,11 @@ def lesion_statistics(
         if not np.array_equal(rounded, lab):
             raise InputImageError("the label map holds non-integer values; expected a label map (0 = background)")
         lab = rounded.astype(np.int64)
-    pet = sitk.GetArrayFromImage(pet_suv).astype(np.float64)
+    pet = sitk.GetArrayViewFromImage(pet_suv)  # no float64 copy: 1.7 GB on a whole-body CT grid
     spacing_zyx = np.asarray(labels.GetSpacing()[::-1], dtype=np.float64)
     values_wanted = sorted(int(v) for v in (np.unique(lab[lab != 0]) if label_values is None else label_values))
     names = dict(label_names or {})
+    fov = sitk.GetArrayViewFromImage(pet_fov) if pet_fov is not None else None
     rows: list[LesionStats] = []
     for value in values_wanted:
         name = names.get(value, f"label {value}")
@@ -137,14 +143,14 @@ def lesion_statistics(
         for number, box in enumerate(ndimage.find_objects(components), start=1):
             local = np.argwhere(components[box] == number)
             coords = local + np.array([s.start for s in box])
-            values = pet[coords[:, 0], coords[:, 1], coords[:, 2]]
+            values = pet[coords[:, 0], coords[:, 1], coords[:, 2]].astype(np.float64)
             per_lesion.append((coords, values))
         per_lesion.sort(key=lambda cv: -cv[1].size)
         for rank, (coords, values) in enumerate(per_lesion, start=1):
-            rows.append(_row(value, name, rank, pet, spacing_zyx, labels, coords, values))
+            rows.append(_row(value, name, rank, pet, spacing_zyx, labels, coords, values, fov))
         all_coords = np.argwhere(mask)
         rows.append(_row(value, name, "total", pet, spacing_zyx, labels, all_coords,
-                         pet[all_coords[:, 0], all_coords[:, 1], all_coords[:, 2]]))
+                         pet[all_coords[:, 0], all_coords[:, 1], all_coords[:, 2]].astype(np.float64), fov))
     return rows
 
 
@@ -173,3 +179,15 @@ def write_lesion_table(rows: Iterable[LesionStats | dict], path: str | os.PathLi
     else:
         raise DinomedError(f"{path}: cannot write a lesion table with suffix {suffix!r}; use .csv or .json")
     return path
+
+
+def fov_warnings(rows: Iterable[LesionStats], pet_name: str = "the PET") -> list[str]:
+    """One warning per lesion (not the ``total`` rows) with voxels outside the PET's field of view."""
+    out = []
+    for row in rows:
+        if row.lesion != "total" and row.outside_pet_fov_voxels:
+            out.append(
+                f"{row.name} lesion {row.lesion}: {row.outside_pet_fov_voxels} of {row.voxels} voxels lie outside the "
+                f"field of view of {pet_name} (no PET data there; its SUVs are not trustworthy)"
+            )
+    return out

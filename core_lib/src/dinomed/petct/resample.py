@@ -76,3 +76,15 @@ def resample_to_reference(
         float(default_value),
         image.GetPixelID(),
     )
+
+
+def field_of_view_mask(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """A uint8 image on ``reference``'s grid: 1 where a voxel centre lies inside ``image``'s field of view (its
+    voxel extents), 0 outside. Lesions on the 0 part have no PET values: their SUVs would read as 0."""
+    if same_grid(image, reference):
+        ones = sitk.Image(reference.GetSize(), sitk.sitkUInt8) + 1
+        ones.CopyInformation(reference)
+        return ones
+    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(image)
+    return sitk.Resample(ones, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)

@@ -190,12 +190,28 @@ def pretrain(cfg: dict, data_dir: str | Path, run_dir: str | Path, events: Event
     events = events or EventWriter(enabled=False, quiet=True)
     run_dir = Path(run_dir)
     env, device = init_distributed(cfg["train"]["device"])
+    run_existed = run_dir.exists()
     try:
         with StopRequest() as stop:  # a stop asked for during the set-up takes effect after the first iteration
             return _pretrain(cfg, Path(data_dir), run_dir, events, resume, stop_after, env, device, stop)
+    except Exception:
+        if env.main and not resume:
+            _remove_unstarted_run(run_dir, run_existed)
+        raise
     finally:
         if env.initialised_here:
             dist.destroy_process_group()
+
+
+def _remove_unstarted_run(run_dir: Path, run_existed: bool) -> None:
+    """After a failure before the first checkpoint (e.g. a bad ``gram.ckpt``), remove the config.yaml this run
+    wrote, and ``run_dir`` itself when this run created it and it is now empty: no folder holding only a config
+    is left looking like a run."""
+    if (run_dir / ckpt.CHECKPOINT).exists():
+        return
+    (run_dir / "config.yaml").unlink(missing_ok=True)
+    if not run_existed and run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
 
 
 def _pretrain(cfg, data_dir, run_dir, events, resume, stop_after, env: DistInfo, device: torch.device,

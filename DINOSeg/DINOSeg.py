@@ -108,7 +108,7 @@ def loadDicomSeriesThroughDatabase(folder) -> Optional[vtkMRMLScalarVolumeNode]:
 @parameterNodeGuiConnector
 class ctkPathLineEditToStrConnector(GuiConnector):
     """A ctkPathLineEdit bound to a ``str`` parameter. Slicer's own connector binds it to ``pathlib.Path``,
-    which turns an empty path into ``Path(".")`` and shows "." (issue 13, fault 9); a ``str`` stays ""."""
+    which turns an empty path into ``Path(".")`` and shows "."; a ``str`` stays ""."""
 
     @staticmethod
     def canRepresent(widget, datatype) -> bool:
@@ -149,7 +149,7 @@ class DINOSegParameterNode:
     petVolume: vtkMRMLScalarVolumeNode
     petOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     modelsDirectory: pathlib.Path
-    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     featureLayer: Annotated[int, WithinRange(-1, 47)] = -1
     backbonePath: str = ""
     segmentation: vtkMRMLSegmentationNode
@@ -220,7 +220,7 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         # The folder comes from the signal's argument: PythonQt calls slots in connection order, and
         # connectGui (run again on every enter and scene close) connects the parameter node after this
-        # slot, so reading the parameter node here would give the previous folder (issue 13, fault 2).
+        # slot, so reading the parameter node here would give the previous folder.
         self.ui.modelsDirectoryButton.connect("directoryChanged(QString)", self.onModelsDirectoryChanged)
         self.refreshModels()
 

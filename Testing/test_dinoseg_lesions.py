@@ -9,7 +9,7 @@ import pytest
 from DINOSegLib import lesions
 
 COLUMNS = ["lesion_id", "label", "voxels", "mtv_ml", "suv_max", "suv_peak", "suv_mean", "tlg",
-           "centroid_lps_x", "centroid_lps_y", "centroid_lps_z"]
+           "centroid_x_mm", "centroid_y_mm", "centroid_z_mm"]  # as dinomed.petct.write_lesion_table writes them
 ROWS = [
     [1, "lesion", 120, 2.4576, 12.873, 9.1142, 6.03125, 14.822, -35.5, 12.25, 101.0],
     [2, "lesion", 7, 0.14336, 4.5, 3.75, 3.0, 0.43008, 20.0, -4.0, 55.5],

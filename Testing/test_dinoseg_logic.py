@@ -113,7 +113,6 @@ def test_lesion_table_holds_the_values_of_dinomed_lesions(scene, logic, phantom,
 
 @pytest.mark.slow  # two torch child processes
 def test_segment_with_a_tiny_model(scene, logic, phantom, tmp_path):
-    pytest.importorskip("dinomed.commands.segment", reason="`dinomed segment` (issue 5) has not landed yet")
     from dinomed.models import build_model, model_json_template, save_model_folder
 
     model = build_model({"name": "meddinov3", "backbone": "vit_tiny", "in_chans": 2, "num_classes": 4})

@@ -98,7 +98,7 @@ def test_libs_import_no_qt_torch_or_dinomed(module):
                 assert name.split(".")[0] not in FORBIDDEN, f"{path.name} imports {name}"
 
 
-# -- Slicer conventions (issue 13, fault 10) and the in-Slicer test (fault 7) ---------------------------------
+# -- Slicer conventions and the in-Slicer test -----------------------------------------------------------------
 
 REFERENCE = ROOT.parent / "shared" / "slicer-reference"
 

@@ -6,7 +6,7 @@ PET-only, CT-only, early fusion (the Dual-DINOv3 paper's comparison) and a MONAI
 
 Every model is trained by the same loop (``dinomed.finetune``: class-balanced 2D patches, Dice + CE, AdamW,
 warm-up + cosine) on the same training phantoms and scored on the same held-out phantoms
-(``dinomed.finetune.evaluate``: lesion Dice, HD95, precision, recall, whole-volume inference). A short
+(``dinomed.evaluate``: lesion Dice, HD95, precision, recall, whole-volume inference). A short
 calibration run (not counted) measures each model's step time so that its cosine schedule ends within the
 budget; ``train.max_seconds`` is the hard cap, counted in CPU seconds of the process (``train.clock=process``)
 so that a machine shared with other jobs gives every model the same compute. The ViTs are DINOv3 ``vit_tiny`` (width 64, depth 4) with
@@ -28,7 +28,7 @@ import torch
 
 from dinomed.errors import DinomedError
 from dinomed.finetune import finetune, load_config
-from dinomed.finetune.evaluate import evaluate_model
+from dinomed.evaluate import evaluate_model
 from dinomed.models.registry import MODEL_REGISTRY, register_model
 from dinomed.synthetic import dataset_labels
 from dinomed.synthetic.writers import write_nnunet_dataset
@@ -48,14 +48,12 @@ def register_unet() -> None:
     if "monai_basic_unet_2d" in MODEL_REGISTRY:
         return
 
-    @register_model("monai_basic_unet_2d", defaults={"in_chans": 2, "num_classes": None,
-                                                     "features": [16, 16, 32, 64, 128, 16]},
-                    spatial_dims=2, summary="MONAI BasicUNet (2D), trained from scratch")
-    def build(cfg: dict, load_checkpoints: bool = True):
-        from monai.networks.nets import BasicUNet
+    from monai.networks.nets import BasicUNet
 
-        return BasicUNet(spatial_dims=2, in_channels=cfg["in_chans"], out_channels=cfg["num_classes"],
-                         features=tuple(cfg["features"]))
+    @register_model("monai_basic_unet_2d", spatial_dims=2, summary="MONAI BasicUNet (2D), trained from scratch")
+    class MonaiBasicUNet2D(BasicUNet):
+        def __init__(self, *, num_classes: int, in_chans: int = 2, features: tuple = (16, 16, 32, 64, 128, 16)):
+            super().__init__(spatial_dims=2, in_channels=in_chans, out_channels=num_classes, features=tuple(features))
 
 
 def common_overrides(args, held_out: list[str]) -> list[str]:

@@ -98,7 +98,13 @@ def _bundled_sources(core_lib: Path) -> dict[str, Path]:
 
 
 def _normalized(requirement: str) -> str:
-    return re.sub(r"\s+", "", requirement.split(";")[0]).lower().replace("_", "-")
+    """One spelling of a requirement: no spaces or marker, lower case, and the version clauses sorted (the installed
+    metadata writes ``timm>=1.0.31,<1.1`` as ``timm<1.1,>=1.0.31``)."""
+    text = re.sub(r"\s+", "", requirement.split(";")[0]).lower().replace("_", "-")
+    match = re.search(r"[<>=!~]", text)
+    if not match:
+        return text
+    return text[:match.start()] + ",".join(sorted(text[match.start():].split(",")))
 
 
 def _local_path(url: str) -> Path | None:

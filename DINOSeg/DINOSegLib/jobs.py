@@ -16,7 +16,7 @@ Ending a job, two ways (both leave no process behind):
   descendant psutil finds, also those that left the group, e.g. torchrun ranks), the job's own temporary
   paths are removed, and the job is CANCELLED. It returns in milliseconds.
 
-Exit status convention of the runner (issue 13; branch i17-console adds EXIT_STOPPED to dinomed/errors.py):
+Exit status convention of the runner (``dinomed.errors``: EXIT_OK, EXIT_BAD_INPUT, EXIT_STOPPED):
 0 succeeded, 2 bad input (the ``error`` event holds the one-line message), 3 stopped on request; killed by
 this runner: cancelled.
 

@@ -25,7 +25,7 @@ from .jobs import Job
 from .segmentation import place_in_study, segmentation_from_labelmap
 from .volumes import read_volume, write_volume
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # what dinomed.runtime.resolve_device takes (DINOPretrain offers the same)
 
 
 class DINOSegError(RuntimeError):
@@ -124,7 +124,7 @@ class DINOSegLogic:
         return pet_path is not None and self.is_dicom_path(pet_path)
 
     def pet_to_suv_command(self, pet_dicom: str | os.PathLike, out_path: str | os.PathLike) -> list[str]:
-        """``dinomed suv`` arguments: PET DICOM series to body-weight SUV (issue 3's CLI)."""
+        """``dinomed suv`` arguments: PET DICOM series to body-weight SUV."""
         return ["suv", str(pet_dicom), "--out", str(out_path)]
 
     @staticmethod
@@ -182,7 +182,7 @@ class DINOSegLogic:
 
     # -- segmentation ---------------------------------------------------------------------------------
     def segment_command(self, model_dir, ct_path, out_path, pet_path=None, stats_path=None, device="auto") -> list[str]:
-        """``dinomed segment`` arguments (issue 5's CLI)."""
+        """``dinomed segment`` arguments."""
         if device not in DEVICES:
             raise DINOSegError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
         args = ["segment", "--model", str(model_dir), "--ct", str(ct_path), "--out", str(out_path), "--device", device]
@@ -254,7 +254,7 @@ class DINOSegLogic:
         return self.finish_segmentation(task)
 
     def lesions_command(self, pet_path, seg_path, out_path) -> list[str]:
-        """``dinomed lesions`` arguments (issue 3's CLI): statistics of a (corrected) label map."""
+        """``dinomed lesions`` arguments: statistics of a (corrected) label map."""
         return ["lesions", "--pet", str(pet_path), "--seg", str(seg_path), "--out", str(out_path)]
 
     def recompute_lesion_table(self, seg_node, pet, reference, model: ModelInfo | None = None, table_node=None,
@@ -289,7 +289,7 @@ class DINOSegLogic:
     # -- features -------------------------------------------------------------------------------------
     def features_command(self, image_path, model_dir=None, backbone=None, layer=None, pca_out=None,
                          cache_dir=None, pet_path=None, extra_args=()) -> list[str]:
-        """``dinomed features`` arguments (issue 6's CLI). ``extra_args`` e.g. ``["--arch", "vit_tiny",
+        """``dinomed features`` arguments. ``extra_args`` e.g. ``["--arch", "vit_tiny",
         "--random-init"]`` instead of a model or backbone (demos, tests)."""
         if model_dir is not None and backbone is not None:
             raise DINOSegError("choose either a model folder or a backbone checkpoint for the features, not both")

@@ -47,7 +47,7 @@ spec.loader.exec_module(dependencies)
 
 result = error = None
 try:
-    if scenario.get("api") == "old":  # the module before issue 13: ensure_dependencies(confirm=...)
+    if scenario.get("api") == "old":  # the earlier API: ensure_dependencies(confirm=...)
         result = dependencies.ensure_dependencies(confirm=slicer.util.confirmOkCancelDisplay)
     else:
         result = dependencies.ensure_in_slicer(force=scenario.get("force", False),

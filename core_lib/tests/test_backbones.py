@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from dinomed.backbones import (
     save_meta_backbone,
     timm_to_meta,
 )
+from dinomed.cli import main
 from dinomed.errors import CheckpointError, DinomedError
 
 
@@ -246,7 +245,7 @@ def test_extract_features_any_size_and_matches_forward():
 
 
 @pytest.mark.parametrize("fmt", ["meta", "meta-train", "hf", "timm"])
-def test_info_command_on_each_format(tmp_path, fmt):
+def test_info_command_on_each_format(tmp_path, fmt, capsys):
     from safetensors.torch import save_file
 
     source = tiny(seed=7)
@@ -260,18 +259,41 @@ def test_info_command_on_each_format(tmp_path, fmt):
     else:
         path = tmp_path / "timm.safetensors"
         save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
-    out = subprocess.run([sys.executable, "-m", "dinomed", "info", str(path), "--json"], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
+    assert main(["info", str(path), "--json"]) == 0  # in process: the CLI's own code path, without a child's start-up
+    report = json.loads(capsys.readouterr().out)
     assert report["format"] == fmt
     assert report["arch"] == "vit_tiny" and report["missing"] == [] and report["unexpected"] == []
     assert report["num_params"] == sum(p.numel() for p in source.parameters())
 
 
-def test_info_command_bad_file_is_one_line_error(tmp_path):
+def test_info_command_bad_file_is_one_line_error(tmp_path, capsys):
     path = tmp_path / "junk.pth"
     path.write_bytes(b"not a checkpoint")
-    out = subprocess.run([sys.executable, "-m", "dinomed", "info", str(path)], capture_output=True, text=True)
-    assert out.returncode == 2
-    assert out.stderr.startswith("dinomed info: error:") and "junk.pth" in out.stderr
-    assert "Traceback" not in out.stderr
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dinomed info: error:") and "junk.pth" in err and "Traceback" not in err
+
+
+def test_one_forward_path():
+    """The hooked path (embed_tokens + run_blocks, used for ICE and the PET/CT fusion; vit_tokens for the mask token)
+    gives what timm's public forward_intermediates / forward_features give: the guard for a timm upgrade."""
+    from dinomed.backbones.forward import (add_mask_token, embed_tokens, pad_to_patch, run_blocks, vit_features,
+                                           vit_tokens)
+
+    model = randomize_(create_backbone("vit_tiny", in_chans=2)).eval()
+    images, size = pad_to_patch(torch.randn(2, 2, 40, 50))
+    assert images.shape[-2:] == (48, 64) and size == (40, 50)
+    with torch.no_grad():
+        public = vit_features(model, images, [1, 3])
+        tokens = model.patch_embed(images)
+        x, rope = embed_tokens(model, tokens)
+        hooked = run_blocks(model, x, rope, tokens.shape[1:3], [1, 3])
+        assert [p.shape for p in public] == [(2, 64, 3, 4)] * 2
+        for a, b in zip(public, hooked):
+            torch.testing.assert_close(a, b)
+        raw = vit_features(model, images, [2], norm=False)[0]
+        torch.testing.assert_close(raw, run_blocks(model, x, rope, tokens.shape[1:3], [2], norm=False)[0])
+        final = vit_tokens(add_mask_token(model), images)
+        features = model.forward_features(images)
+        torch.testing.assert_close(final["patch"], features[:, model.num_prefix_tokens:])
+        torch.testing.assert_close(final["cls"], features[:, 0])

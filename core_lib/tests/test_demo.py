@@ -61,8 +61,7 @@ def test_demo_without_model_says_how_to_make_it(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bundled_demo(tmp_path, capsys):
-    if not (DEMO_MODEL_DIR / "model.json").is_file():
-        pytest.skip(f"the bundled demo model is not there yet ({DEMO_MODEL_DIR}); it is trained by `dinomed finetune` (issue 7)")
+    assert (DEMO_MODEL_DIR / "model.json").is_file(), f"the bundled demo model is missing ({DEMO_MODEL_DIR})"
     out = tmp_path / "demo_output"
     rc = main(["demo", "--out", str(out), "--device", "cpu"])
     printed = capsys.readouterr().out

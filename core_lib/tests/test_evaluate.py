@@ -153,13 +153,13 @@ def test_evaluate_nsd_and_strata_options(dataset, model_dir, tmp_path):
     assert sum(int(r["lesions"]) for r in strata) == len(lesion_rows)
     assert report["strata"]["lesion"]["small"]["lesions"] == int(strata[0]["lesions"])
     with pytest.raises(DinomedError, match="two increasing volumes"):
-        from dinomed.finetune.evaluate import evaluate_model
+        from dinomed.evaluate import evaluate_model
 
         evaluate_model(model_dir, dataset, tmp_path / "x.csv", size_thresholds_ml=[5, 1])
 
 
 def test_evaluate_heldout_cases_and_errors(dataset, model_dir, tmp_path):
-    from dinomed.finetune.evaluate import evaluate_model
+    from dinomed.evaluate import evaluate_model
 
     report = evaluate_model(model_dir, dataset, tmp_path / "m.csv", cases="heldout")
     assert list(report["cases"]) == ["case_0003"]

@@ -15,7 +15,8 @@ from dinomed.errors import DinomedError
 from dinomed.events import EventWriter, parse_event
 from dinomed.finetune import (DatasetError, finetune, load_config, open_dataset, parse_overrides, split_cases,
                               validate_dataset)
-from dinomed.finetune.trainer import STATE_DIR, STATE_FILE, parameter_groups, warmup_cosine
+from dinomed.finetune.trainer import STATE_DIR, STATE_FILE, parameter_groups
+from dinomed.training import lr_factor
 from dinomed.finetune.transforms import PatchSampler, StepIndices
 from dinomed.synthetic.writers import write_nnunet_dataset
 
@@ -87,8 +88,6 @@ def test_config_preprocessing_and_schedule_keys():
 
 
 def test_lr_schedules():
-    from dinomed.finetune.trainer import lr_factor
-
     linear = lr_factor("linear", 0, 100, 0.01)
     assert [linear(s) for s in (0, 50, 100)] == [1.0, 0.5, 0.0]  # MedDINOv3: poly 1.0 from the first step
     plateau = lr_factor("plateau", 4, 100, 0.01)
@@ -207,7 +206,7 @@ def test_patches_are_a_function_of_seed_and_index(dataset):
 
 
 def test_warmup_cosine_and_lower_backbone_lr():
-    f = warmup_cosine(10, 110, 0.01)
+    f = lr_factor("cosine", 10, 110, 0.01)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.01 + 0.99 * 0.5) and f(110) == pytest.approx(0.01)
     from dinomed.models import build_model

@@ -187,12 +187,14 @@ def test_check_data_finetune_and_pretrain(dataset, ct_folder, tmp_path, capsys):
 def test_recipes_list_every_bundled_config_with_a_description(capsys):
     from dinomed.finetune import load_config as finetune_config
     from dinomed.pretrain import load_config as pretrain_config
+    from dinomed.pretrain import list_stage_configs
     from dinomed.recipes import CONFIGS, list_recipes
 
     recipes = list_recipes()
     names = {(r.kind, r.name) for r in recipes}
     assert names == {("finetune", p.stem) for p in (CONFIGS / "finetune").glob("*.yaml")} | {
-        ("pretrain", p.stem) for p in (CONFIGS / "pretrain").glob("*.yaml") if p.stem != "default"}
+        ("pretrain", name) for name in list_stage_configs()}
+    assert {("pretrain", "ct_vits_stage1"), ("pretrain", "pet_vitl_stage3")} <= names
     for r in recipes:
         assert r.description and "\n" not in r.description, r.name
         if r.kind == "finetune":

@@ -6,7 +6,7 @@ import torch
 
 from dinomed.backbones import create_backbone, extract_features, load_backbone, save_meta_backbone
 from dinomed.errors import DinomedError, InputImageError
-from dinomed.models import build_model, load_model_folder, model_json_template, save_model_folder
+from dinomed.models import build_model
 
 CFG = {"name": "dual_petct", "backbone": "vit_tiny", "num_classes": 3, "decoder_channels": [32, 32, 16, 16]}
 
@@ -79,24 +79,6 @@ def test_single_stream_variants_read_their_channel():
             assert torch.equal(model(x), model(x_other))
         assert model.encoder.patch_embed.proj.in_channels == 1
     assert build_model({**CFG, "variant": "early_fusion"}).encoder.patch_embed.proj.in_channels == 2
-
-
-def test_save_load_identical(tmp_path, encoder_checkpoints):
-    pet_ckpt, ct_ckpt = encoder_checkpoints
-    model = build_model({**CFG, "pet_backbone_checkpoint": str(pet_ckpt), "ct_backbone_checkpoint": str(ct_ckpt)})
-    with torch.no_grad():
-        for fusion in model.fusions:
-            fusion.gate_pet.normal_()
-    model.eval()
-    mj = model_json_template(model)
-    assert mj["inference"]["mode"] == "slicewise2d" and [i["modality"] for i in mj["inputs"]] == ["CT", "PET"]
-    save_model_folder(model, mj, tmp_path / "m")
-    pet_ckpt.unlink()
-    ct_ckpt.unlink()
-    loaded, _ = load_model_folder(tmp_path / "m")
-    x = torch.randn(1, 2, 40, 56)
-    with torch.no_grad():
-        assert torch.equal(model(x), loaded(x))
 
 
 def test_config_and_input_errors():

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dinomed.backbones import extract_features
-from dinomed.models import build_model, load_model_folder, model_json_template, resolve_config, save_model_folder
+from dinomed.models import build_model, load_model_folder, resolve_config
 from dinomed.models.meddinov3 import PatchDecode
 from dinomed.models.registry import upgrade_model_json
 
@@ -35,20 +35,17 @@ def test_patch_decode_is_the_official_decoder():
     assert abs(n / 1e6 - 25.1) < 0.05  # the issue's figure for the official PatchDecode at ViT-B
 
 
-def test_one_training_step_and_save_load(tmp_path):
+def test_one_training_step():
+    """(Save → load of every registered model: test_models_registry.py.)"""
     torch.manual_seed(0)
     model = build_model(CFG)
+    assert model.arch_config["decoder"] == "patch_decode"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x, y = torch.randn(2, 2, 32, 32), torch.randint(0, 3, (2, 32, 32))
     before = model.decoder.classifier.weight.detach().clone()
     F.cross_entropy(model(x), y).backward()
     opt.step()
     assert not torch.equal(before, model.decoder.classifier.weight)
-    model.eval()
-    loaded, mj = load_model_folder(save_model_folder(model, model_json_template(model), tmp_path / "m"))
-    assert mj["architecture"]["decoder"] == "patch_decode"
-    with torch.no_grad():
-        assert torch.equal(model(x), loaded(x))
 
 
 def test_progressive_decoder_is_a_named_option_and_old_model_json_loads_as_it():

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dinomed.models import build_model
-from dinomed.models.dinomed3d import DEFAULTS
+from dinomed.models import available_models, build_model
+
+DEFAULTS = available_models()["dinomed3d"].defaults  # the constructor's signature defaults
 
 
 @pytest.mark.parametrize("size, paper_m", [("vit_small", 47), ("vit_base", 112), ("vit_large", 334)])

@@ -1,6 +1,8 @@
 """Pretraining data and config: volume folders, body-biased multi-crop slices, and every bad input."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -112,8 +114,14 @@ def test_config_layers_overrides_and_errors():
     assert cfg["optim"]["epochs"] == 7 and cfg["crops"]["global_crops_scale"] == [0.4, 1.0]
     assert cfg["student"]["arch"] == "vit_small" and cfg["modality"] == "CT"
     assert load_config("pet_vitl_stage1")["modality"] == "PET"
-    with pytest.raises(DinomedError, match="unknown config key optim.epoch"):
+    with pytest.raises(DinomedError, match="unknown config key 'optim.epoch'; did you mean optim.epochs"):
         load_config("tiny_test", ["optim.epoch=3"])
+    with pytest.raises(DinomedError, match="optim.epochs: expected a number, found 'ten'"):
+        load_config("tiny_test", ["optim.epochs=ten"])
+    with pytest.raises(DinomedError, match="schedule key schedules.lr.'peek'; did you mean peak"):
+        load_config("tiny_test", ["schedules.lr={peek: 1.0}"])
+    with pytest.raises(DinomedError, match="config optim is a section"):
+        load_config("tiny_test", ["optim=3"])
     with pytest.raises(DinomedError, match="no Gram teacher checkpoint"):
         load_config("ct_vits_stage2")
     with pytest.raises(DinomedError, match="multiple of the patch size"):
@@ -123,6 +131,48 @@ def test_config_layers_overrides_and_errors():
     stage3 = load_config("ct_vitb_stage3", ["gram.ckpt=/runs/stage2", "student.init_from=/runs/stage2"])
     assert max(stage3["crops"]["global_crops_size"]) > load_config("ct_vitb_stage1")["crops"]["global_crops_size"]
     assert stage3["gram"]["loss_weight_schedule"]["start"] == stage3["gram"]["loss_weight_schedule"]["end"]
+
+
+def test_ct_and_pet_share_a_stage_file(tmp_path):
+    """One vits_stage1.yaml serves ct_vits_stage1 and pet_vits_stage1; the name sets the modality, and the
+    description follows it; a schedule mapping on the command line merges (README: the dead-start remedy)."""
+    from dinomed.pretrain import list_stage_configs
+
+    names = list_stage_configs()
+    assert {"ct_vits_stage1", "pet_vits_stage1", "ct_vitl_stage3", "pet_vitb_stage2", "tiny_test"} <= set(names)
+    assert "vits_stage1" not in names and "default" not in names
+    ct, pet = load_config("ct_vits_stage1"), load_config("pet_vits_stage1")
+    assert (ct["modality"], pet["modality"]) == ("CT", "PET")
+    assert ct["description"].endswith("on CT slices") and pet["description"].endswith("on PET slices")
+    assert {k: v for k, v in ct.items() if k not in ("modality", "description")} == \
+        {k: v for k, v in pet.items() if k not in ("modality", "description")}
+    assert load_config("pet_vits_stage1", ["modality=CT"])["modality"] == "CT"  # the command line still wins
+    cfg = load_config("tiny_test", ["schedules.teacher_temp={start: 0.03, peak: 0.03, end: 0.03, warmup_epochs: 0}",
+                                    "schedules.lr.cosine_epochs=2"])
+    assert cfg["schedules"]["teacher_temp"]["start"] == 0.03 and cfg["schedules"]["lr"]["cosine_epochs"] == 2
+    own = tmp_path / "mine.yaml"
+    own.write_text("modality: PET\noptim: {epochs: 3}\n")
+    assert load_config(own)["modality"] == "PET" and load_config(own)["optim"]["epochs"] == 3
+
+
+def test_run_config_written_before_loads_unchanged():
+    """A run folder's config.yaml from before the shared config system (the file `--resume` and the README's
+    status.json recipe pass back) resolves to exactly what it says, for both kinds of run."""
+    import yaml
+
+    from dinomed.finetune import load_config as finetune_config
+
+    data = Path(__file__).parent / "data"
+    for name, load in (("pretrain_run_config.yaml", load_config), ("finetune_run_config.yaml", finetune_config)):
+        written = yaml.safe_load((data / name).read_text())
+        assert load(data / name) == written, name
+
+
+def test_exponent_numbers_are_numbers():
+    """YAML 1.1 reads 1e-1 (no dot) as a string; a learning rate or loss weight typed so must still be a number."""
+    cfg = load_config("tiny_test", ["dino.koleo_loss_weight=1e-1", "schedules.lr.peak=3e-4"])
+    assert cfg["dino"]["koleo_loss_weight"] == pytest.approx(0.1) and isinstance(cfg["dino"]["koleo_loss_weight"], float)
+    assert cfg["schedules"]["lr"]["peak"] == pytest.approx(3e-4)
 
 
 def test_multiresolution_batches(tmp_path):

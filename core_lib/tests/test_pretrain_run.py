@@ -330,7 +330,7 @@ def test_two_process_ddp_matches_one_process(ct_folder, tmp_path):
     base = ["train.epoch_length=3", "optim.epochs=1", "checkpointing.period=3"]
     pretrain(load_config("tiny_test", base + ["train.batch_size_per_gpu=4"]), ct_folder, tmp_path / "one")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",  # a free port
            "-m", "dinomed", "pretrain", "tiny_test", *base, "train.batch_size_per_gpu=2",
            "--data", str(ct_folder), "--out", str(tmp_path / "two")]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)

@@ -1,7 +1,8 @@
 """The bundled training recipes, for ``dinomed recipes`` and the front-ends' recipe lists.
 
 Every bundled finetuning recipe (``configs/finetune/*.yaml``) and pretraining stage config
-(``configs/pretrain/*.yaml``) carries a one-line ``description:``. This module reads the YAML files only (no torch),
+(``configs/pretrain/*.yaml``, listed once per modality where CT and PET share the file: ``ct_vits_stage1``,
+``pet_vits_stage1``) carries a one-line ``description:``. This module reads the YAML files only (no torch),
 so that listing them is fast.
 """
 from __future__ import annotations
@@ -10,7 +11,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
+from .config import merge_layers, read_yaml, stage_file, stage_layers, stage_names
+from .errors import DinomedError
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 _STAGE_SUFFIX = re.compile(r"_stage(\d)$")
@@ -42,8 +44,10 @@ class Recipe:
 
 
 def _read(path: Path) -> dict:
-    data = yaml.safe_load(path.read_text()) or {}
-    return data if isinstance(data, dict) else {}
+    try:
+        return read_yaml(path)
+    except DinomedError:  # listed with what can be read; loading it names the problem
+        return {}
 
 
 def _finetune(path: Path) -> Recipe:
@@ -60,15 +64,16 @@ def _finetune(path: Path) -> Recipe:
     )
 
 
-def _pretrain(path: Path, default: dict) -> Recipe:
-    data = _read(path)
-    stage = int(data.get("stage", default.get("stage", 1)))
-    student = dict(default.get("student") or {}, **(data.get("student") or {}))
-    match = _STAGE_SUFFIX.search(path.stem)
+def _pretrain(name: str, default: dict) -> Recipe:
+    # the stage file merged over the defaults (no validation: a stage-2 config without its gram.ckpt is listed)
+    data = merge_layers(default, stage_layers(name), schedule_keys=("start", "peak", "end", "warmup_epochs",
+                                                                       "cosine_epochs", "freeze_last_layer_epochs"))
+    stage = int(data["stage"])
+    match = _STAGE_SUFFIX.search(name)
     return Recipe(
-        name=path.stem, kind="pretrain", description=str(data.get("description") or ""), path=str(path),
-        modality=str(data.get("modality", default.get("modality", "CT"))).upper(), stage=stage,
-        arch=str(student.get("arch", "")), family=path.stem[: match.start()] if match else path.stem,
+        name=name, kind="pretrain", description=str(data["description"] or ""), path=str(stage_file(name)[0]),
+        modality=str(data["modality"]).upper(), stage=stage,
+        arch=str(data["student"]["arch"]), family=name[: match.start()] if match else name,
         checkpoint_keys=["student.pretrained"] if stage == 1 else [],
         option_keys={"length": "optim.epochs", "length_unit": "epochs", "batch_size": "train.batch_size_per_gpu",
                      "lr": "schedules.lr.peak", "image_size": "crops.global_crops_size"},
@@ -81,7 +86,7 @@ def list_recipes(kind: str | None = None) -> list[Recipe]:
     if kind in (None, "finetune"):
         out += [_finetune(p) for p in sorted((CONFIGS / "finetune").glob("*.yaml"))]
     if kind in (None, "pretrain"):
-        default = _read(CONFIGS / "pretrain" / "default.yaml")
-        stages = [_pretrain(p, default) for p in sorted((CONFIGS / "pretrain").glob("*.yaml")) if p.stem != "default"]
+        default = read_yaml(CONFIGS / "pretrain" / "default.yaml")
+        stages = [_pretrain(name, default) for name in stage_names()]
         out += sorted(stages, key=lambda r: (r.family, r.stage))
     return out

@@ -1,10 +1,12 @@
-"""Where a command runs: the torch device, and the process group under ``torchrun``.
+"""Where a command runs: the torch device, its reduced precision, and the process group under ``torchrun``.
 
-One place for what segmentation, finetuning, evaluation and pretraining all need, so that ``--device auto``
-and ``train.device: auto`` mean the same everywhere.
+One place for what segmentation, features, classification, finetuning, evaluation and pretraining all need, so
+that ``--device auto`` and ``train.device: auto`` mean the same everywhere, and bf16 is used only where the
+device has it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -40,6 +42,22 @@ def resolve_device(name: str | None = "auto", local_rank: int = 0) -> torch.devi
     if name == "cuda":
         return torch.device("cuda", local_rank)
     return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, amp: str | bool | None = "auto") -> torch.dtype | None:
+    """The reduced precision to run in on ``device`` for the ``amp`` setting (auto, bf16, fp16, off): on a CUDA GPU
+    bf16 (auto, bf16) when the GPU supports it, else fp16; fp16 when asked. None (fp32) for ``off``, on the CPU
+    (autocast there is slower than fp32 on most machines) and on Apple MPS."""
+    if amp in ("off", False, None) or device.type != "cuda":
+        return None
+    if amp == "fp16" or not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``, or nothing when ``dtype`` is None."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @dataclass

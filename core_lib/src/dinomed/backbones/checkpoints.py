@@ -303,8 +303,8 @@ def timm_to_meta(model: nn.Module, mask_token: torch.Tensor | None = None) -> di
 # architecture inference
 
 
-def infer_arch(state: dict, fmt: str, config: dict | None) -> tuple[BackboneArch, int]:
-    """Architecture and input channels of a timm-layout state dict (plus the source format's hints)."""
+def infer_arch(state: dict, config: dict | None) -> tuple[BackboneArch, int]:
+    """Architecture and input channels of a timm-layout state dict (plus a Hugging Face ``config.json``'s hints)."""
     if "cls_token" not in state or "patch_embed.proj.weight" not in state:
         raise CheckpointError("cannot infer the architecture: the checkpoint lacks cls_token or the patch embedding")
     embed_dim = state["cls_token"].shape[-1]
@@ -360,7 +360,7 @@ def load_backbone(
 
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     try:
-        inferred, ckpt_chans = infer_arch(hint_state, fmt, config)
+        inferred, ckpt_chans = infer_arch(hint_state, config)
     except CheckpointError as exc:
         raise CheckpointError(f"{ctx}: {exc}") from None
     spec = resolve_arch(arch) if arch else inferred

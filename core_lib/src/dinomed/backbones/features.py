@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputImageError
+from .forward import pad_to_patch, vit_features
 from .vit import default_layers
 
 
@@ -40,14 +40,8 @@ def extract_features(
         raise InputImageError(f"the backbone expects {in_chans} input channel(s), found {images.shape[1]}")
     depth = len(model.blocks)
     layers = tuple(default_layers(depth) if layers is None else (i % depth for i in layers))
-    patch = model.patch_embed.patch_size[0]
-    h, w = images.shape[-2:]
-    pad_h, pad_w = (-h) % patch, (-w) % patch
-    if pad_h or pad_w:
-        images = F.pad(images, (0, pad_w, 0, pad_h))
-    inter = model.forward_intermediates(
-        images, indices=list(layers), return_prefix_tokens=True, norm=norm, output_fmt="NCHW", intermediates_only=True
-    )
+    images, _ = pad_to_patch(images, model.patch_embed.patch_size[0])
+    inter = vit_features(model, images, layers, norm=norm, prefix=True)
     patches = [spatial for spatial, _ in inter]
     cls = [prefix[:, 0] for _, prefix in inter]
     return BackboneFeatures(layers=layers, cls=cls, patches=patches)

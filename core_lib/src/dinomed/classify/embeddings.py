@@ -90,16 +90,6 @@ def read_case_image(path: str | Path) -> sitk.Image:
     return sitk.JoinSeries(sitk.Cast(image, sitk.sitkFloat32))
 
 
-def _resolve_device(device: str | None):
-    import torch
-
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise DinomedError(f"device {device!r} requested but no CUDA GPU is available; use --device cpu")
-    return torch.device(device)
-
-
 def slice_embeddings(
     inputs: Mapping[str, sitk.Image],
     extractor,
@@ -173,7 +163,9 @@ def slice_embeddings(
             check_pet_is_suv(array, names.get(modality, "PET"))
         volumes[modality] = array
     depth = ref_image.GetSize()[2]
-    dev = _resolve_device(device)
+    from ..runtime import resolve_device  # (torch is imported lazily here)
+
+    dev = resolve_device(device)
     cls_parts, patch_parts = [], []
     with torch.inference_mode():
         for stream in extractor.streams:

@@ -65,12 +65,6 @@ class TrainLog:
     losses: list[float] = field(default_factory=list)  # mean training loss per epoch
 
 
-def _device(device):
-    from .embeddings import _resolve_device
-
-    return _resolve_device(device)
-
-
 def linear_probe(train_x: np.ndarray, train_t: np.ndarray, query_xs: Sequence[np.ndarray], task: str = "multilabel",
                  lr: float = 0.005, batch_size: int = 1024, epochs: int = 50, weight_decay: float = 0.0,
                  standardize: bool = False, seed: int = 0, device: str | None = "cpu",
@@ -82,7 +76,9 @@ def linear_probe(train_x: np.ndarray, train_t: np.ndarray, query_xs: Sequence[np
 
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise DinomedError(f"expected epochs ≥ 1, batch size ≥ 1 and a positive learning rate, got {epochs}, {batch_size}, {lr}")
-    dev = _device(device)
+    from ..runtime import resolve_device  # (torch is imported lazily here)
+
+    dev = resolve_device(device)
     mean = train_x.mean(axis=0, keepdims=True) if standardize else 0.0
     std = train_x.std(axis=0, keepdims=True) + 1e-6 if standardize else 1.0
     gen = torch.Generator().manual_seed(int(seed))
@@ -162,7 +158,9 @@ def abmil(train_bags: Sequence[np.ndarray], train_t: np.ndarray, query_bags: Seq
 
     if epochs < 1 or lr <= 0:
         raise DinomedError(f"expected epochs ≥ 1 and a positive learning rate, got {epochs}, {lr}")
-    dev = _device(device)
+    from ..runtime import resolve_device  # (torch is imported lazily here)
+
+    dev = resolve_device(device)
     torch.manual_seed(int(seed))
     gen = torch.Generator().manual_seed(int(seed))
     model = build_abmil(train_bags[0].shape[1], train_t.shape[1], proj_dim, attn_dim, attention).to(dev)

@@ -40,8 +40,8 @@ def run(args) -> int:
     if not (model_dir / "model.json").is_file() or not (model_dir / "model.safetensors").is_file():
         raise DinomedError(
             f"{model_dir}: the demo model folder is missing or incomplete (expected model.json and model.safetensors); "
-            "train it with `dinomed finetune --config demo.yaml` (see the README, 'The demo model') and place the "
-            "model folder there, or pass --model MODEL_DIR"
+            "train it with `dinomed finetune demo --data DATASET --out MODEL_DIR` (scripts/train_demo_models.sh makes the "
+            "data set and runs it) and place the model folder there, or pass --model MODEL_DIR"
         )
     for name in ("ct.nii.gz", "pet.nii.gz"):
         if not (sample_dir / name).is_file():

@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..events import EventWriter
-    from ..finetune.evaluate import evaluate_model
+    from ..evaluate import evaluate_model
 
     from pathlib import Path
 

@@ -231,16 +231,6 @@ def default_cache_dir(image_path: str | Path) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dinomed" / "features"
 
 
-def _device(device: str | None):
-    import torch
-
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise DinomedError(f"device {device!r} requested but no CUDA GPU is available; use --device cpu")
-    return torch.device(device)
-
-
 def compute_features(
     inputs: sitk.Image | Mapping[str, sitk.Image],
     extractor: FeatureExtractor,
@@ -334,7 +324,9 @@ def compute_features(
     gw, gh = grid["size"][:2]
     dims = [int(s.encoder.embed_dim) for s in extractor.streams]
     out = np.empty((depth, sum(dims), gh, gw), dtype=np.float16)
-    dev = _device(device)
+    from ..runtime import resolve_device  # (torch is imported lazily here)
+
+    dev = resolve_device(device)
     total = depth * len(extractor.streams)
     done = 0
     offset = 0

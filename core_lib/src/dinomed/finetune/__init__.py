@@ -1,7 +1,8 @@
 """Supervised finetuning of the seed models on labeled datasets (nnU-Net raw layout), resumable and distributed.
 
 ``load_config`` (YAML recipe + ``key=value`` overrides), ``open_dataset`` / ``validate_dataset`` / ``split_cases``,
-``finetune`` (the training loop), ``evaluate_model`` (per-case, per-class Dice, HD95, precision, recall).
+``finetune`` (the training loop); the datasets and metrics are shared with :mod:`dinomed.evaluate` (a model folder
+scored on a labeled dataset).
 """
 from .config import CONFIG_DIR, DEFAULTS, dump_config, find_config, load_config, parse_overrides
 from .dataset import DatasetError, DatasetSpec, LabelMapping, load_case, open_dataset, split_cases, validate_dataset

@@ -3,22 +3,23 @@
 A recipe (``dinomed/configs/finetune/<name>.yaml`` or any YAML file) names the model architecture (the
 ``architecture`` dict of a ``model.json``), the inputs, the labels, the data sampling, augmentation,
 optimiser and training loop settings. ``key=value`` overrides use dotted keys and YAML values
-(``optim.lr=3e-4``, ``data.patch_size=[32,32]``, ``model.backbone_checkpoint=/ckpt/pet.pth``). A run writes its
-resolved config next to its state, and ``--resume`` refuses a config that differs from it.
+(``optim.lr=3e-4``, ``data.patch_size=[32,32]``, ``model.backbone_checkpoint=/ckpt/pet.pth``). The layering,
+the refusal of unknown keys (with a suggestion) and the typing of values are ``dinomed.config``'s, shared with
+pretraining. A run writes its resolved config next to its state, and ``--resume`` refuses a config that differs
+from it.
 """
 from __future__ import annotations
 
-import copy
-import re
 from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
+from ..config import Layer, deep_merge, dump_config, merge_layers, read_yaml
+from ..config import parse_overrides as parse_override_layers
+from ..errors import DinomedError
 
-from ..errors import DinomedError, yaml_problem
+__all__ = ["CONFIG_DIR", "DEFAULTS", "FREE_FORM", "check_config", "dump_config", "find_config", "load_config",
+           "parse_overrides"]
 
-# YAML 1.1 (PyYAML) reads 3e-4 as a string; numbers in exponent form are what people type for learning rates
-_EXPONENT_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+$")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "finetune"
 
 DEFAULTS: dict[str, Any] = {
@@ -114,23 +115,6 @@ def _sections(data: dict) -> dict:
     return data
 
 
-def _merge(base: dict, update: dict, where: str = "") -> dict:
-    """Recursive dict update; a key unknown to ``base`` is an error except inside free-form sections."""
-    out = copy.deepcopy(base)
-    if not where:
-        update = _sections(update)
-    for key, value in update.items():
-        path = f"{where}{key}"
-        if key not in out and where.split(".")[0] not in FREE_FORM and path not in FREE_FORM:
-            known = ", ".join(sorted(out)) or "none"
-            raise DinomedError(f"unknown config key {path!r}; known keys here: {known}")
-        if isinstance(out.get(key), dict) and isinstance(value, dict):
-            out[key] = _merge(out[key], value, f"{path}.")
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 # sections whose keys belong to someone else (the model registry checks model keys; model.json inference)
 FREE_FORM = ("model", "inference")
 
@@ -148,42 +132,11 @@ def find_config(name_or_path: str | Path) -> Path:
 
 
 def parse_overrides(items: Iterable[str]) -> dict:
-    """``["optim.lr=3e-4", "data.patch_size=[32,32]"]`` → a nested dict; values are parsed as YAML."""
-    out: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise DinomedError(f"override {item!r}: expected key=value (e.g. optim.lr=3e-4)")
-        key, text = item.split("=", 1)
-        key = key.strip()
-        if not key or any(not part for part in key.split(".")):
-            raise DinomedError(f"override {item!r}: empty key")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as exc:
-            raise DinomedError(f"override {item!r}: the value is not valid YAML ({yaml_problem(exc)})") from None
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise DinomedError(f"override {item!r}: {part!r} is set both as a value and as a section")
-        node[parts[-1]] = value
-    return out
-
-
-def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise DinomedError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
-    except OSError as exc:
-        raise DinomedError(f"{path}: cannot read the config ({exc.strerror})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise DinomedError(f"{path}: expected a mapping of config keys, found {type(data).__name__}")
-    return data
+    """``["optim.lr=3e-4", "data.patch_size=[32,32]"]`` → one nested dict (later overrides win)."""
+    merged: dict = {}
+    for layer in parse_override_layers(items):
+        deep_merge(merged, layer.values)
+    return merged
 
 
 def load_config(name_or_path: str | Path | None = None, overrides: Iterable[str] | dict = ()) -> dict:
@@ -191,36 +144,27 @@ def load_config(name_or_path: str | Path | None = None, overrides: Iterable[str]
 
     A recipe may start from another with ``base: other_recipe`` (resolved first, then updated).
     """
-    cfg = copy.deepcopy(DEFAULTS)
-    if name_or_path is not None:
-        cfg = _merge(cfg, _recipe(find_config(name_or_path), seen=()))
-    over = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-    cfg = _numbers(_merge(cfg, over))
+    layers = _recipe_layers(find_config(name_or_path), seen=()) if name_or_path is not None else []
+    if isinstance(overrides, dict):
+        layers.append(Layer("overrides", _sections(overrides)))
+    else:
+        layers += parse_override_layers(overrides)
+    cfg = merge_layers(DEFAULTS, layers, free_form=FREE_FORM)
     check_config(cfg)
     return cfg
 
 
-def _numbers(value):
-    if isinstance(value, dict):
-        return {k: _numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_numbers(v) for v in value]
-    if isinstance(value, str) and _EXPONENT_NUMBER.match(value.strip()):
-        return float(value)
-    return value
-
-
-def _recipe(path: Path, seen: tuple) -> dict:
+def _recipe_layers(path: Path, seen: tuple) -> list[Layer]:
     data = read_yaml(path)
     base = data.pop("base", None)
+    layer = Layer(str(path), _sections(data))
     if base is None:
-        return data
+        return [layer]
     if str(path) in seen:
         raise DinomedError(f"{path}: the 'base' chain loops ({' -> '.join(seen)})")
     sibling = path.parent / (str(base) if str(base).endswith((".yaml", ".yml")) else f"{base}.yaml")
     base_path = sibling if sibling.is_file() else find_config(base)
-    merged = _merge(copy.deepcopy(DEFAULTS), _recipe(base_path, seen + (str(path),)))
-    return _merge(merged, data)  # merging a full config over DEFAULTS again is idempotent
+    return [*_recipe_layers(base_path, seen + (str(path),)), layer]
 
 
 def check_config(cfg: dict) -> None:
@@ -274,7 +218,3 @@ def check_config(cfg: dict) -> None:
         raise DinomedError(f"config preprocessing.input_scale: expected a positive factor, found {pre['input_scale']!r}")
     if not isinstance(optim["warmup_steps"], int) or optim["warmup_steps"] < 0:
         raise DinomedError(f"config optim.warmup_steps: expected a non-negative integer, found {optim['warmup_steps']!r}")
-
-
-def dump_config(cfg: dict) -> str:
-    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)

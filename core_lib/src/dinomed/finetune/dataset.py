@@ -172,10 +172,10 @@ def label_mapping(data: dict, labels: list[str] | None, background_labels: list[
 
 
 def _known_label_entries() -> dict[str, dict]:
-    """Colours and SNOMED-CT terminology of the standard labels (the phantom table) by name."""
-    from ..synthetic.labels import label_entries
+    """Colours and SNOMED-CT terminology of the standard labels by name."""
+    from ..labels import standard_label_entries
 
-    return {e["name"]: e for e in label_entries()}
+    return standard_label_entries()
 
 
 def _fallback_colour(value: int) -> list[int]:

@@ -16,20 +16,20 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..atomic import atomic_path, atomic_write_text
-from ..runtime import StopRequest, init_distributed
+from ..atomic import atomic_write_text
 from ..errors import CheckpointError, DinomedError
+from ..runtime import StopRequest, autocast, autocast_dtype, init_distributed
+from ..training import (barrier, check_finite_loss, check_run_folder, gather_rng_states, load_checkpoint, lr_factor,
+                        restore_rng_states, save_checkpoint, seed_everything, wrap_ddp)
 from ..events import EventWriter
 from .config import dump_config
 from .dataset import DatasetSpec, load_case, open_dataset, split_cases, validate_dataset
@@ -56,10 +56,6 @@ class FinetuneResult:
     train_cases: list = field(default_factory=list)
     val_cases: list = field(default_factory=list)
     main_process: bool = True  # False on DDP ranks other than 0 (they do not report)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# distributed set-up
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -128,75 +124,8 @@ def parameter_groups(model: nn.Module, optim_cfg: dict) -> list[dict]:
     return out
 
 
-def lr_factor(schedule: str, warmup_steps: int, max_steps: int, min_ratio: float):
-    """The LambdaLR factor of ``optim.schedule``: ``cosine`` (:func:`warmup_cosine`), ``linear`` (warm-up, then
-    ``1 - progress``: the poly-1.0 decay of the MedDINOv3 trainer) or ``plateau`` (warm-up, then 1; the plateau
-    scheduler takes over)."""
-    if schedule == "cosine":
-        return warmup_cosine(warmup_steps, max_steps, min_ratio)
-
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "plateau":
-            return 1.0
-        return max(0.0, 1.0 - (step - warmup_steps) / max(1, max_steps - warmup_steps))
-
-    return factor
-
-
-def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float):
-    """Learning-rate factor: linear warm-up to 1 over ``warmup_steps``, then cosine down to ``min_ratio``."""
-
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        span = max(1, max_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-# ---------------------------------------------------------------------------------------------------------
-# RNG and training state (torch.load(weights_only=True) loadable: tensors, numbers, strings, lists, dicts)
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_meta": torch.tensor([float(np_state[2]), float(np_state[3]), float(np_state[4])], dtype=torch.float64),
-        "python": torch.tensor(py_state[1], dtype=torch.int64),
-        "python_gauss": torch.tensor([math.nan if py_state[2] is None else py_state[2]], dtype=torch.float64),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all()) if torch.cuda.device_count() else torch.empty(0)
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    meta = state["numpy_meta"].tolist()
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(meta[0]), int(meta[1]), meta[2]))
-    gauss = float(state["python_gauss"][0])
-    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None if math.isnan(gauss) else gauss))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]):
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
-
-
-def save_state(path: Path, payload: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
 def load_state(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated file, or one holding objects weights_only refuses
-        raise CheckpointError(f"{path}: cannot load the training state safely ({type(exc).__name__}: {exc})") from None
+    return load_checkpoint(path, "training state")
 
 
 def config_differences(saved: dict, current: dict, prefix: tuple = ()) -> list[str]:
@@ -256,12 +185,7 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
         out_dir = Path(out_dir)
         state_path = out_dir / STATE_DIR / STATE_FILE
         train_cfg, data_cfg, optim_cfg = cfg["train"], cfg["data"], cfg["optim"]
-        if resume and not state_path.is_file():
-            raise DinomedError(f"--resume: {state_path} does not exist (no interrupted run in {out_dir})")
-        if not resume and state_path.is_file():
-            raise DinomedError(
-                f"{out_dir} already holds a training run ({state_path}); pass --resume to continue it or choose another --out"
-            )
+        check_run_folder(state_path, resume, "training run", out_dir)
         global_batch = int(train_cfg["batch_size"])
         if global_batch % dist_info.world_size:
             raise DinomedError(
@@ -324,9 +248,7 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=float(optim_cfg["plateau_factor"]), patience=int(optim_cfg["plateau_patience"]))
         amp = train_cfg["amp"]
-        amp_dtype = None
-        if device.type == "cuda" and amp not in ("off", False, None):
-            amp_dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+        amp_dtype = autocast_dtype(device, amp)  # bf16 only on a GPU that has it
         scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=bool(cfg["loss"]["batch_dice"]),
                              lambda_dice=float(cfg["loss"]["lambda_dice"]), lambda_ce=float(cfg["loss"]["lambda_ce"]))
@@ -349,21 +271,16 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
             step, best_dice = int(state["step"]), float(state["best_dice"])
             best_step = int(state["best_step"]) if state["best_step"] >= 0 else None
             history = json.loads(state["history"])
-            set_rng_state(state["rng"][dist_info.rank] if isinstance(state["rng"], list) else state["rng"])
+            restore_rng_states(state["rng"], dist_info)
             events.log(f"resumed from step {step} ({state_path})")
         else:
             (out_dir / STATE_DIR).mkdir(parents=True, exist_ok=True) if dist_info.main else None
-            random.seed(seed)
-            np.random.seed(seed)
+            seed_everything(seed)
             torch.manual_seed(seed + dist_info.rank)
         if dist_info.main:
             atomic_write_text(out_dir / STATE_DIR / "config.yaml", dump_config(cfg))
 
-        train_model: nn.Module = model
-        if dist_info.world_size > 1:
-            train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=bool(train_cfg["find_unused_parameters"]))
+        train_model = wrap_ddp(model, device, dist_info, find_unused_parameters=bool(train_cfg["find_unused_parameters"]))
 
         sampler = PatchSampler(train_names, load, data_cfg["patch_size"], spec.labels.num_classes, data_cfg,
                                cfg["augment"], seed)
@@ -389,13 +306,7 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
                    f"{device}, steps {step}..{max_steps}")
 
         def state_payload() -> dict:
-            rng = rng_state()
-            if dist_info.world_size > 1:
-                import torch.distributed as dist
-
-                gathered = [None] * dist_info.world_size
-                dist.all_gather_object(gathered, rng)
-                rng = gathered
+            rng = gather_rng_states(dist_info)  # a collective under DDP
             return {
                 "format": "dinomed-finetune-state/1", "step": step, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
@@ -408,7 +319,7 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
         def checkpoint(finished: bool = False) -> None:
             payload = state_payload()  # a collective under DDP: every rank takes part
             if dist_info.main:
-                save_state(state_path, payload)
+                save_checkpoint(state_path, payload)
                 atomic_write_text(out_dir / STATE_DIR / "history.json", json.dumps(history, indent=1))
                 atomic_write_text(out_dir / STATE_DIR / STATUS_FILE, json.dumps({
                     "format": "dinomed-run-status/1", "kind": "finetune", "name": cfg["name"], "step": step,
@@ -435,10 +346,7 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
                                                 "metrics": {"step": step, **scores}}
                     save_model_folder(model, model_json, out_dir)
                     events.artifact("model", str(out_dir), step=step, dice=scores["dice"])
-            if dist_info.world_size > 1:
-                import torch.distributed as dist
-
-                dist.barrier()
+            barrier(dist_info)
 
         stopped = False
         start_step = step
@@ -449,7 +357,7 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
         for batch in _batches(loader, step, max_steps):
             images = batch["image"].to(device, non_blocking=True)
             labels = batch["label"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with autocast(device, amp_dtype):
                 logits = train_model(images)
             loss = loss_fn(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
@@ -476,8 +384,7 @@ def finetune(cfg: dict, data_dir: str | Path, out_dir: str | Path, *, resume: bo
                 saved = (f"the last checkpoint, from before this step, is {state_path}; continue from it with "
                          "--resume and a lower optim.lr=…"
                          if state_path.is_file() else "no checkpoint had been saved yet, so the run folder is removed")
-                raise DinomedError(f"the training loss became {float(flags[0])} at step {step}; lower optim.lr "
-                                   f"or check the data ({saved})")
+                check_finite_loss(float(flags[0]), f"step {step}", f"lower optim.lr or check the data ({saved})")
             if step % log_every == 0 or last:
                 record = {"phase": "train", "step": step, "epoch": sampler.epoch_of((step - 1) * global_batch),
                           "loss": float(flags[0]), "lr": optimizer.param_groups[-1]["lr"],

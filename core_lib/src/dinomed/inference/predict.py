@@ -11,7 +11,6 @@ so that a model is always run the way it will be used.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Sequence
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import DinomedError, InputImageError
+from ..runtime import autocast, autocast_dtype
 from .profile import stage, timed_stage
 
 SLAB_WINDOWS = 4  # a 3D slab spans this many window depths (plus context), bounding memory on long volumes
@@ -31,11 +31,9 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def autocast_for(device: torch.device, amp: str | bool | None = "auto"):
-    """bf16 autocast on CUDA (``auto``/``bf16``), fp16 when asked; a no-op on CPU, where it does not pay."""
-    if device.type != "cuda" or amp in ("off", False, None):
-        return contextlib.nullcontext()
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-    return torch.autocast("cuda", dtype=dtype)
+    """Autocast for the ``amp`` setting on ``device`` (:func:`dinomed.runtime.autocast_dtype`: bf16 on a CUDA GPU
+    that has it, fp16 when asked; nothing on the CPU, where it does not pay)."""
+    return autocast(device, autocast_dtype(device, amp))
 
 
 def check_channels(model_json: dict, channels) -> np.ndarray:

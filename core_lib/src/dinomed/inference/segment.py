@@ -47,11 +47,9 @@ def autocast_dtype(device):
     """The reduced precision inference runs in on ``device``: bf16 on a CUDA GPU that has it, else fp16 there;
     None (fp32) on the CPU and on MPS. A segmentation is an argmax of logits, which bf16 leaves unchanged but
     at class boundaries; CPU autocast is slower than fp32 on most machines."""
-    import torch
+    from ..runtime import autocast_dtype as resolved
 
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
+    return resolved(device, "auto")
 
 
 def amp_setting(device) -> str:
@@ -175,8 +173,8 @@ def labels_to_reference(labels: sitk.Image, reference: sitk.Image) -> sitk.Image
 
 
 @timed_stage("normalise")
-def model_channels(model_json: dict, ct: sitk.Image, pet: sitk.Image | None, grid: sitk.Image | None = None,
-                   ct_name: str = "CT", pet_name: str = "PET") -> np.ndarray:
+def model_channels(model_json: dict, ct: sitk.Image, pet: sitk.Image | None, grid: sitk.Image | None = None
+                   ) -> np.ndarray:
     """The normalised input array ``(C, z, y, x)`` in ``model.json["inputs"]`` order, on ``grid`` (default:
     the CT grid). ``pet`` must already be on the CT grid."""
     from ..preprocess import default_spec, normalize_channels

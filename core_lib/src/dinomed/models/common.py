@@ -1,18 +1,15 @@
-"""Parts shared by the seed models: backbone construction from a config, running a timm DINOv3 ViT block by
-block, input checks, padding to the patch grid, and small decoder blocks."""
+"""Parts shared by the seed models: backbone construction from a config, input checks and small decoder blocks.
+(The ViT forward path and its hooks, and the padding to the patch grid, are :mod:`dinomed.backbones.forward`.)"""
 from __future__ import annotations
 
 import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import create_backbone, default_layers, load_backbone, resolve_arch
 from ..errors import DinomedError, InputImageError
-
-PATCH = 16
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -41,47 +38,6 @@ def aggregation_layers(backbone: nn.Module, layers: Sequence[int] | None) -> tup
     if not layers or any(not -depth <= int(i) < depth for i in layers):
         raise DinomedError(f"aggregation layers {list(layers)} out of range for a backbone of depth {depth}")
     return tuple(sorted({int(i) % depth for i in layers}))
-
-
-def embed_tokens(backbone: nn.Module, patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Prefix tokens + positions for ``patch_tokens`` ``(B, h, w, C)``: what timm's ``Eva.forward_features`` does
-    between ``patch_embed`` and the first block. Returns the token sequence and the RoPE tensor."""
-    x, rope = backbone._pos_embed(patch_tokens)
-    return backbone.norm_pre(x), rope
-
-
-def tokens_to_grid(backbone: nn.Module, x: torch.Tensor, hw: tuple[int, int], norm: bool = True) -> torch.Tensor:
-    """Patch tokens of a block output ``(B, N, C)`` as a ``(B, C, h, w)`` map (after the final LayerNorm when
-    ``norm``, as DINOv3's ``get_intermediate_layers(norm=True)``)."""
-    if norm:
-        x = backbone.norm(x)
-    x = x[:, backbone.num_prefix_tokens:]
-    b, _, c = x.shape
-    return x.reshape(b, hw[0], hw[1], c).permute(0, 3, 1, 2).contiguous()
-
-
-def run_blocks(
-    backbone: nn.Module, x: torch.Tensor, rope: torch.Tensor | None, hw: tuple[int, int], layers: Sequence[int],
-    norm: bool = True,
-) -> list[torch.Tensor]:
-    """Run the blocks of ``backbone`` on the token sequence ``x`` up to the last of ``layers``; return the patch-token
-    maps of ``layers``: normalised by the final LayerNorm (``norm``, as ``extract_features``) or the raw block outputs
-    (``norm=False``, what a forward hook on the block sees)."""
-    feats = []
-    last = max(layers)
-    for i, blk in enumerate(backbone.blocks[: last + 1]):
-        x = blk(x, rope=rope)
-        if i in layers:
-            feats.append(tokens_to_grid(backbone, x, hw, norm=norm))
-    return feats
-
-
-def vit_features(backbone: nn.Module, images: torch.Tensor, layers: Sequence[int], norm: bool = True) -> list[torch.Tensor]:
-    """Patch-token maps ``(B, C, H/16, W/16)`` of ``layers`` (normalised unless ``norm=False``) for images whose sides
-    are multiples of 16."""
-    tokens = backbone.patch_embed(images)
-    x, rope = embed_tokens(backbone, tokens)
-    return run_blocks(backbone, x, rope, tokens.shape[1:3], layers, norm=norm)
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -114,20 +70,11 @@ def check_input(x: torch.Tensor, ndim: int, in_chans: int, model: str, min_side:
         raise InputImageError(f"{model}: expected a floating-point image (normalised intensities), found {x.dtype}")
 
 
-def pad_to_patch(x: torch.Tensor, patch: int = PATCH) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Zero-pad the last two axes (H, W) at the bottom/right to multiples of ``patch``; return the original size."""
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % patch, (-w) % patch
-    if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph))
-    return x, (h, w)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # decoder blocks
 
 
-def group_norm(channels: int, dims: int = 2) -> nn.Module:
+def group_norm(channels: int) -> nn.Module:
     """GroupNorm with up to 8 groups: independent of the batch size (inference runs batch 1 volumes)."""
     groups = math.gcd(channels, 8)
     return nn.GroupNorm(groups, channels)
@@ -170,7 +117,7 @@ class ConvNormAct3d(nn.Sequential):
     def __init__(self, cin: int, cout: int, kernel=3, stride=1):
         k = (kernel,) * 3 if isinstance(kernel, int) else tuple(kernel)
         pad = tuple(kk // 2 for kk in k)
-        super().__init__(nn.Conv3d(cin, cout, k, stride=stride, padding=pad, bias=False), group_norm(cout, 3), nn.GELU())
+        super().__init__(nn.Conv3d(cin, cout, k, stride=stride, padding=pad, bias=False), group_norm(cout), nn.GELU())
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -15,7 +15,7 @@ Adaptation", MICCAI 2026, arXiv:2606.18886, sec. 2, built as the paper and its o
   (our choice for even K: the paper does not say). (:func:`ice_patch_weight`, :func:`slabs`)
 * **Stage I** (``stage: 1``), sec. 2.2.2: backbone and ICE fully finetuned with a light proxy head: a 1×1
   convolution on the **last** block's patch tokens, bilinearly upsampled to the slice (official
-  ``Stage1Model``). ``proxy_head: mlp`` is our earlier head, a named option (see DEFAULTS).
+  ``Stage1Model``). ``proxy_head: mlp`` is our earlier head, a named option (see :class:`DINOMed3D`).
 * **Stage II** (``stage: 2``), sec. 2.3: the stage-I backbone (ICE included) is frozen and adapted with LoRA
   (peft; rank 16, alpha 16, dropout 0.1 on ``qkv``, ``proj``, ``fc1``, ``fc2``: official ``configs/base.py``;
   as in the official code, the ``proj`` target also matches the patch-embedding convolution, the ICE).
@@ -49,48 +49,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones.forward import embed_tokens, pad_to_patch, run_blocks
 from ..errors import CheckpointError, DinomedError
-from .common import aggregation_layers, check_input, embed_tokens, pad_to_patch, run_blocks
+from .common import aggregation_layers, check_input
 from .registry import register_model
-
-DEFAULTS = {
-    "backbone": "vit_base",
-    "in_chans": 1,
-    "num_classes": None,
-    "stage": 2,
-    "ice_k": 3,  # paper sec. 3.2 and official code: K = 3
-    "layers": None,  # four evenly spaced blocks (official out_indices: 2, 5, 8, 11 of 12; 5, 11, 17, 23 of 24)
-    # Raw block outputs feed the heads (official forward hooks). Named option: true applies the backbone's final
-    # LayerNorm to every block (DINOv3's get_intermediate_layers(norm=True), as MedDINOv3 does): it puts the four
-    # levels on one scale, which can help when the backbone is not finetuned (sec. 2.3.1 freezes it in stage II).
-    "feature_norm": False,
-    # Stage-I proxy head (sec. 2.2.2). "linear": the official 1x1 conv on the last block + bilinear upsampling.
-    # Named option "mlp": our earlier head, a LayerNorm-MLP on the four aggregated blocks that predicts each patch's
-    # 16x16 pixels (pixel shuffle); sharper slice boundaries than bilinear upsampling of a 1/16 map, at ~1 M more
-    # parameters; the paper's text calls its head a "lightweight MLP".
-    "proxy_head": "linear",
-    "proxy_hidden": 256,  # hidden width of proxy_head: mlp
-    "use_semantic_stream": True,
-    "use_detail_stream": True,
-    "decoder": "upernet",
-    "lora_rank": 16,  # official configs/base.py: lora_r 16, lora_alpha 16, lora_dropout 0.1
-    "lora_alpha": 16,
-    "lora_dropout": 0.1,
-    "lora_targets": ["qkv", "proj", "fc1", "fc2"],
-    "adapter_channels": 256,  # official Adapter3D out_channels
-    "decoder_channels": 256,  # official UPerNet3DDecoder channels
-    "ppm_bins": [1, 2, 3, 6],
-    "detail_channels": [16, 32, 64],  # official ResNetHighResEncoder base_channels 16: 16/32/64
-    "refine_channels": [64, 32],  # official HighResRefinementDecoder: r12 → 64, r11 → 32
-    "slice_batch": 32,
-    "drop_path_rate": 0.0,
-}
-
 
 def _gn(channels: int) -> nn.GroupNorm:
     """GroupNorm(32, C) as the official UperNet; fewer groups at narrow test widths (at least 2 channels a group, so
@@ -134,17 +102,17 @@ def ice_patch_weight(weight: torch.Tensor, k: int, in_chans: int) -> torch.Tenso
     return (per_slice / in_chans).repeat_interleave(in_chans, dim=1)
 
 
-def _ice_backbone(cfg: dict) -> nn.Module:
+def _ice_backbone(backbone: str, in_chans: int, ice_k: int, drop_path_rate: float, checkpoint: str | None) -> nn.Module:
     """The DINOv3 ViT whose patch embedding reads K*C channels (the ICE), initialised from ``backbone_checkpoint``."""
     from ..backbones import create_backbone, load_backbone, resolve_arch
 
-    k, c = int(cfg["ice_k"]), int(cfg["in_chans"])
+    k, c = int(ice_k), int(in_chans)
     if k < 1:
-        raise DinomedError(f"dinomed3d: ice_k must be a number of slices >= 1, found {cfg['ice_k']!r}")
-    spec = resolve_arch(cfg["backbone"])
-    model = create_backbone(spec, in_chans=k * c, drop_path_rate=float(cfg["drop_path_rate"]))
-    if cfg.get("backbone_checkpoint"):
-        source = load_backbone(cfg["backbone_checkpoint"], arch=spec.name)  # its own channel count (RGB or grey)
+        raise DinomedError(f"dinomed3d: ice_k must be a number of slices >= 1, found {ice_k!r}")
+    spec = resolve_arch(backbone)
+    model = create_backbone(spec, in_chans=k * c, drop_path_rate=float(drop_path_rate))
+    if checkpoint:
+        source = load_backbone(checkpoint, arch=spec.name)  # its own channel count (RGB or grey)
         state = source.state_dict()
         state["patch_embed.proj.weight"] = ice_patch_weight(state["patch_embed.proj.weight"], k, c)
         model.load_state_dict(state)
@@ -312,7 +280,7 @@ class RefinementBlock(nn.Module):
 # the model
 
 
-def _add_lora(backbone: nn.Module, cfg: dict) -> None:
+def _add_lora(backbone: nn.Module, rank: int, alpha: float, dropout: float, targets: Sequence[str]) -> None:
     """LoRA via peft on the named layers of the backbone (``proj`` also matches the patch embedding, as in the
     official ``get_peft_model``); everything else in the backbone is frozen."""
     from peft import LoraConfig, inject_adapter_in_model
@@ -321,67 +289,90 @@ def _add_lora(backbone: nn.Module, cfg: dict) -> None:
         # timm's Eva attention folds its q/v bias into F.linear(x, qkv.weight, bias), which would bypass a LoRA
         # wrapper on qkv; the 'separate bias' path calls qkv(x) and adds the bias, the same function
         blk.attn.qkv_bias_separate = True
-    config = LoraConfig(r=int(cfg["lora_rank"]), lora_alpha=int(cfg["lora_alpha"]), lora_dropout=float(cfg["lora_dropout"]),
-                        target_modules=list(cfg["lora_targets"]), bias="none")
+    config = LoraConfig(r=int(rank), lora_alpha=int(alpha), lora_dropout=float(dropout), target_modules=list(targets),
+                        bias="none")
     inject_adapter_in_model(config, backbone)
     for name, p in backbone.named_parameters():
         p.requires_grad_("lora_" in name)
 
 
+@register_model("dinomed3d", spatial_dims=3,
+                summary="DINO-Med3D: ICE, stage I proxy head / stage II LoRA + 3D adapter + HRSE + gate at 1/4 + 3D UperNet + refinement")
 class DINOMed3D(nn.Module):
+    """DINO-Med3D, stage I or II (see the module docstring for every part and the paper's section).
+
+    Defaults are the paper's and the official code's: ``ice_k`` 3 (sec. 3.2); ``layers`` None: four evenly spaced
+    blocks (official out_indices 2, 5, 8, 11 of 12); LoRA rank 16, alpha 16, dropout 0.1 on qkv, proj, fc1, fc2
+    (official configs/base.py); adapter and UperNet width 256, PPM bins 1, 2, 3, 6; detail widths 16/32/64 and
+    refinement 64, 32 (official ResNetHighResEncoder, HighResRefinementDecoder). Named options of ours:
+    ``feature_norm`` (true: the final LayerNorm on every aggregated block, as MedDINOv3, which puts the four levels
+    on one scale when the backbone is frozen, sec. 2.3.1; false: the raw block outputs of the official hooks) and
+    ``proxy_head: mlp`` (a LayerNorm-MLP on the four blocks predicting each patch's 16x16 pixels, width
+    ``proxy_hidden``: sharper slice boundaries than the official ``linear`` 1x1 conv on the last block, ~1 M more
+    parameters; the paper's text calls its head a "lightweight MLP"). ``slice_batch``: slices per backbone call.
+    """
+
     spatial_dims = 3
 
-    def __init__(self, cfg: dict):
+    def __init__(self, *, num_classes: int, backbone: str = "vit_base", in_chans: int = 1, stage: int = 2,
+                 ice_k: int = 3, layers: Sequence[int] | None = None, feature_norm: bool = False,
+                 proxy_head: str = "linear", proxy_hidden: int = 256, use_semantic_stream: bool = True,
+                 use_detail_stream: bool = True, decoder: str = "upernet", lora_rank: int = 16, lora_alpha: float = 16,
+                 lora_dropout: float = 0.1, lora_targets: Sequence[str] = ("qkv", "proj", "fc1", "fc2"),
+                 adapter_channels: int = 256, decoder_channels: int = 256, ppm_bins: Sequence[int] = (1, 2, 3, 6),
+                 detail_channels: Sequence[int] = (16, 32, 64), refine_channels: Sequence[int] = (64, 32),
+                 slice_batch: int = 32, drop_path_rate: float = 0.0, backbone_checkpoint: str | None = None,
+                 stage1_checkpoint: str | None = None):
         super().__init__()
-        self.in_chans = cfg["in_chans"]
-        self.num_classes = cfg["num_classes"]
-        self.stage = int(cfg["stage"])
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.stage = int(stage)
         if self.stage not in (1, 2):
-            raise DinomedError(f"dinomed3d: stage must be 1 or 2, found {cfg['stage']!r}")
-        if cfg["decoder"] != "upernet":
-            raise DinomedError(f"dinomed3d: decoder must be 'upernet' (the paper's), found {cfg['decoder']!r}")
-        if cfg["proxy_head"] not in ("linear", "mlp"):
-            raise DinomedError(f"dinomed3d: proxy_head must be 'linear' or 'mlp', found {cfg['proxy_head']!r}")
-        self.use_sem = self.stage == 1 or bool(cfg["use_semantic_stream"])
-        self.use_det = self.stage == 2 and bool(cfg["use_detail_stream"])
+            raise DinomedError(f"dinomed3d: stage must be 1 or 2, found {stage!r}")
+        if decoder != "upernet":
+            raise DinomedError(f"dinomed3d: decoder must be 'upernet' (the paper's), found {decoder!r}")
+        if proxy_head not in ("linear", "mlp"):
+            raise DinomedError(f"dinomed3d: proxy_head must be 'linear' or 'mlp', found {proxy_head!r}")
+        self.use_sem = self.stage == 1 or bool(use_semantic_stream)
+        self.use_det = self.stage == 2 and bool(use_detail_stream)
         if not (self.use_sem or self.use_det):
             raise DinomedError("dinomed3d: use_semantic_stream and use_detail_stream cannot both be false")
-        self.slice_batch = int(cfg["slice_batch"])
-        self.ice_k = int(cfg["ice_k"])
-        self.feature_norm = bool(cfg["feature_norm"])
+        self.slice_batch = int(slice_batch)
+        self.ice_k = int(ice_k)
+        self.feature_norm = bool(feature_norm)
 
         if self.use_sem:
-            self.backbone = _ice_backbone(cfg)
-            self.layers = aggregation_layers(self.backbone, cfg["layers"])
+            self.backbone = _ice_backbone(backbone, in_chans, ice_k, drop_path_rate, backbone_checkpoint)
+            self.layers = aggregation_layers(self.backbone, layers)
             embed = self.backbone.embed_dim
-            if self.stage == 2 and cfg.get("stage1_checkpoint"):
-                self._load_stage1(cfg["stage1_checkpoint"])
+            if self.stage == 2 and stage1_checkpoint:
+                self._load_stage1(stage1_checkpoint)
 
         if self.stage == 1:
-            self.proxy_kind = cfg["proxy_head"]
+            self.proxy_kind = proxy_head
             self.proxy_layers = (self.layers[-1],) if self.proxy_kind == "linear" else self.layers
             self.proxy_head = (LinearProxyHead(embed, self.num_classes) if self.proxy_kind == "linear" else
-                               MLPProxyHead(embed * len(self.layers), int(cfg["proxy_hidden"]), self.num_classes))
+                               MLPProxyHead(embed * len(self.layers), int(proxy_hidden), self.num_classes))
             return
 
-        width = int(cfg["adapter_channels"])
-        dch = list(cfg["detail_channels"])
-        rch = list(cfg["refine_channels"])
+        width = int(adapter_channels)
+        dch = list(detail_channels)
+        rch = list(refine_channels)
         if len(dch) != 3 or len(rch) != 2:
             raise DinomedError(f"dinomed3d: detail_channels needs 3 widths (full, 1/2, 1/4) and refine_channels 2 "
                                f"(1/2, full), found {dch} and {rch}")
         if self.use_sem:
             if len(self.layers) != 4:
                 raise DinomedError(f"dinomed3d: stage II needs 4 aggregation layers, found {len(self.layers)}")
-            _add_lora(self.backbone, cfg)
+            _add_lora(self.backbone, lora_rank, lora_alpha, lora_dropout, lora_targets)
             self.adapter = VolumetricAdapter(embed, width)
-            self.decoder = UperNet3D(width, int(cfg["decoder_channels"]), list(cfg["ppm_bins"]),
+            self.decoder = UperNet3D(width, int(decoder_channels), list(ppm_bins),
                                      None if self.use_det else self.num_classes)
             if self.use_det:
                 self.fusion = GatedFusion(width)
         if self.use_det:
-            self.detail = DetailRecoveryStream(cfg["in_chans"], dch, width)
-            coarse = int(cfg["decoder_channels"]) if self.use_sem else width
+            self.detail = DetailRecoveryStream(in_chans, dch, width)
+            coarse = int(decoder_channels) if self.use_sem else width
             self.refine = nn.ModuleList([RefinementBlock(coarse, dch[1], rch[0]), RefinementBlock(rch[0], dch[0], rch[1])])
             self.classifier = nn.Conv3d(rch[1], self.num_classes, 1)
 
@@ -463,9 +454,3 @@ class DINOMed3D(nn.Module):
         f = self.refine[0](f, det[1])
         f = self.refine[1](f, det[0])
         return self.classifier(f)[..., :h, :w]
-
-
-@register_model("dinomed3d", defaults=DEFAULTS, spatial_dims=3,
-                summary="DINO-Med3D: ICE, stage I proxy head / stage II LoRA + 3D adapter + HRSE + gate at 1/4 + 3D UperNet + refinement")
-def build_dinomed3d(cfg: dict, load_checkpoints: bool = True) -> nn.Module:
-    return DINOMed3D(cfg)

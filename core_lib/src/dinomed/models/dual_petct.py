@@ -20,27 +20,18 @@ single stream and the checkpoint of ``early_fusion``); none is needed to load a 
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
+from ..backbones.forward import embed_tokens, pad_to_patch, tokens_to_grid, vit_features
 from ..errors import DinomedError
-from .common import (ProgressiveUpsamplingDecoder, aggregation_layers, check_input, embed_tokens, freeze,
-                     make_backbone, pad_to_patch, tokens_to_grid, vit_features)
+from .common import ProgressiveUpsamplingDecoder, aggregation_layers, check_input, freeze, make_backbone
 from .registry import register_model
 
 VARIANTS = ("dual", "pet_only", "ct_only", "early_fusion")
 CT_CHANNEL, PET_CHANNEL = 0, 1
-DEFAULTS = {
-    "backbone": "vit_base",
-    "in_chans": 2,
-    "num_classes": None,
-    "variant": "dual",
-    "layers": None,
-    "fusion_heads": None,  # null: the backbone's number of heads
-    "decoder_channels": [256, 128, 64, 32],
-    "drop_path_rate": 0.0,
-    "freeze_backbone": False,
-}
 
 
 class CrossModalFusion(nn.Module):
@@ -66,26 +57,36 @@ class CrossModalFusion(nn.Module):
         return pet + self.gate_pet * pet_msg, ct + self.gate_ct * ct_msg
 
 
+@register_model("dual_petct", spatial_dims=2,
+                summary="Dual-DINOv3 PET/CT: PET and CT encoders fused by multiscale cross-attention; "
+                        "variants pet_only, ct_only, early_fusion")
 class DualDINOv3PETCT(nn.Module):
+    """CT (channel 0) and PET (channel 1) through two DINOv3 encoders fused at the aggregation depths (``variant``
+    ``dual``), or one of the baselines ``pet_only``, ``ct_only``, ``early_fusion``; ``fusion_heads`` None: the
+    backbone's number of heads."""
+
     spatial_dims = 2
 
-    def __init__(self, cfg: dict):
+    def __init__(self, *, num_classes: int, backbone: str = "vit_base", in_chans: int = 2, variant: str = "dual",
+                 layers: Sequence[int] | None = None, fusion_heads: int | None = None,
+                 decoder_channels: Sequence[int] = (256, 128, 64, 32), drop_path_rate: float = 0.0,
+                 freeze_backbone: bool = False, backbone_checkpoint: str | None = None,
+                 pet_backbone_checkpoint: str | None = None, ct_backbone_checkpoint: str | None = None):
         super().__init__()
-        if cfg["in_chans"] != 2:
+        if in_chans != 2:
             raise DinomedError(f"dual_petct: the input is CT (channel 0) and PET (channel 1), so in_chans must be 2, "
-                               f"found {cfg['in_chans']}")
-        self.variant = cfg["variant"]
+                               f"found {in_chans}")
+        self.variant = variant
         if self.variant not in VARIANTS:
             raise DinomedError(f"dual_petct: variant must be one of {', '.join(VARIANTS)}, found {self.variant!r}")
         self.in_chans = 2
-        arch, dpr = cfg["backbone"], cfg["drop_path_rate"]
-        fallback = cfg.get("backbone_checkpoint")
+        arch, dpr, fallback = backbone, drop_path_rate, backbone_checkpoint
         if self.variant == "dual":
-            self.pet_encoder = make_backbone(arch, 1, cfg.get("pet_backbone_checkpoint"), dpr)
-            self.ct_encoder = make_backbone(arch, 1, cfg.get("ct_backbone_checkpoint"), dpr)
-            self.layers = aggregation_layers(self.pet_encoder, cfg["layers"])
+            self.pet_encoder = make_backbone(arch, 1, pet_backbone_checkpoint, dpr)
+            self.ct_encoder = make_backbone(arch, 1, ct_backbone_checkpoint, dpr)
+            self.layers = aggregation_layers(self.pet_encoder, layers)
             dim = self.pet_encoder.embed_dim
-            heads = int(cfg["fusion_heads"] or self.pet_encoder.blocks[0].attn.num_heads)
+            heads = int(fusion_heads or self.pet_encoder.blocks[0].attn.num_heads)
             self.fusions = nn.ModuleList(CrossModalFusion(dim, heads) for _ in self.layers)
             feat_channels = 2 * dim * len(self.layers)
             encoders = [self.pet_encoder, self.ct_encoder]
@@ -93,15 +94,15 @@ class DualDINOv3PETCT(nn.Module):
             if self.variant == "early_fusion":
                 chans, ckpt = 2, fallback
             elif self.variant == "pet_only":
-                chans, ckpt = 1, cfg.get("pet_backbone_checkpoint") or fallback
+                chans, ckpt = 1, pet_backbone_checkpoint or fallback
             else:
-                chans, ckpt = 1, cfg.get("ct_backbone_checkpoint") or fallback
+                chans, ckpt = 1, ct_backbone_checkpoint or fallback
             self.encoder = make_backbone(arch, chans, ckpt, dpr)
-            self.layers = aggregation_layers(self.encoder, cfg["layers"])
+            self.layers = aggregation_layers(self.encoder, layers)
             feat_channels = self.encoder.embed_dim * len(self.layers)
             encoders = [self.encoder]
-        self.decoder = ProgressiveUpsamplingDecoder(feat_channels, cfg["num_classes"], cfg["decoder_channels"])
-        if cfg["freeze_backbone"]:
+        self.decoder = ProgressiveUpsamplingDecoder(feat_channels, num_classes, decoder_channels)
+        if freeze_backbone:
             for enc in encoders:
                 freeze(enc)
 
@@ -135,10 +136,3 @@ class DualDINOv3PETCT(nn.Module):
         h, w = x.shape[-2:]
         logits = self.decoder(torch.cat(self.forward_features(x), dim=1))
         return logits[..., :h, :w]
-
-
-@register_model("dual_petct", defaults=DEFAULTS, spatial_dims=2,
-                summary="Dual-DINOv3 PET/CT: PET and CT encoders fused by multiscale cross-attention; "
-                        "variants pet_only, ct_only, early_fusion")
-def build_dual_petct(cfg: dict, load_checkpoints: bool = True) -> nn.Module:
-    return DualDINOv3PETCT(cfg)

@@ -33,27 +33,16 @@ Input ``(B, C, H, W)``; output logits ``(B, num_classes, H, W)``.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from timm.layers import LayerNorm2d
 from torch import nn
 
+from ..backbones.forward import pad_to_patch, vit_features
 from ..errors import DinomedError
-from .common import (ProgressiveUpsamplingDecoder, aggregation_layers, check_input, freeze, make_backbone,
-                     pad_to_patch, vit_features)
+from .common import ProgressiveUpsamplingDecoder, aggregation_layers, check_input, freeze, make_backbone
 from .registry import register_model
-
-DEFAULTS = {
-    "backbone": "vit_base",
-    "in_chans": 1,
-    "num_classes": None,
-    "layers": None,
-    "decoder": "patch_decode",
-    "decoder_channels": [256, 128, 64, 32],  # decoder: progressive only
-    "drop_path_rate": 0.0,
-    "freeze_backbone": False,
-}
-
 
 class PatchDecode(nn.Module):
     """Official MedDINOv3 decoder: log2(patch) × [ConvTranspose 2×2 → LayerNorm (channels) → GELU], channels halving
@@ -84,27 +73,45 @@ class PatchDecode(nn.Module):
         return self.classifier(x)
 
 
+def upgrade_meddinov3(arch: dict) -> dict:
+    """A model.json from before ``decoder`` existed (it names ``decoder_channels``, and the old informational
+    ``high_res`` flag) was trained with the progressive decoder: say so explicitly."""
+    if "decoder" not in arch and "decoder_channels" in arch:
+        arch["decoder"] = "progressive"
+    arch.pop("high_res", None)
+    return arch
+
+
+@register_model("meddinov3", spatial_dims=2, upgrade=upgrade_meddinov3,
+                summary="MedDINOv3 (2D): multi-scale token aggregation + PatchDecode (official)")
 class MedDINOv3(nn.Module):
-    """DINOv3 ViT encoder → four normalised intermediate token maps, concatenated → PatchDecode."""
+    """DINOv3 ViT encoder → four normalised intermediate token maps, concatenated → PatchDecode.
+
+    ``layers``: the aggregated blocks (default four evenly spaced: 2, 5, 8, 11 of 12); ``decoder``: ``patch_decode``
+    (the paper's) or ``progressive`` (our earlier decoder, widths ``decoder_channels``); ``backbone_checkpoint``: a
+    backbone in any format ``load_backbone`` reads, used only when building for training.
+    """
 
     spatial_dims = 2
 
-    def __init__(self, cfg: dict):
+    def __init__(self, *, num_classes: int, backbone: str = "vit_base", in_chans: int = 1,
+                 layers: Sequence[int] | None = None, decoder: str = "patch_decode",
+                 decoder_channels: Sequence[int] = (256, 128, 64, 32), drop_path_rate: float = 0.0,
+                 freeze_backbone: bool = False, backbone_checkpoint: str | None = None):
         super().__init__()
-        self.in_chans = cfg["in_chans"]
-        self.num_classes = cfg["num_classes"]
-        self.backbone = make_backbone(cfg["backbone"], cfg["in_chans"], cfg.get("backbone_checkpoint"),
-                                      cfg["drop_path_rate"])
-        self.layers = aggregation_layers(self.backbone, cfg["layers"])
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.backbone = make_backbone(backbone, in_chans, backbone_checkpoint, drop_path_rate)
+        self.layers = aggregation_layers(self.backbone, layers)
         width = self.backbone.embed_dim * len(self.layers)
-        if cfg["decoder"] == "patch_decode":
-            self.decoder = PatchDecode(width, cfg["num_classes"])
-        elif cfg["decoder"] == "progressive":
-            self.decoder = ProgressiveUpsamplingDecoder(width, cfg["num_classes"], cfg["decoder_channels"])
+        if decoder == "patch_decode":
+            self.decoder = PatchDecode(width, num_classes)
+        elif decoder == "progressive":
+            self.decoder = ProgressiveUpsamplingDecoder(width, num_classes, decoder_channels)
         else:
             raise DinomedError(f"meddinov3: decoder must be 'patch_decode' (the paper's) or 'progressive', "
-                               f"found {cfg['decoder']!r}")
-        if cfg["freeze_backbone"]:
+                               f"found {decoder!r}")
+        if freeze_backbone:
             freeze(self.backbone)
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -118,18 +125,3 @@ class MedDINOv3(nn.Module):
         feats = self.forward_features(x)
         logits = self.decoder(torch.cat(feats, dim=1))
         return logits[..., :h, :w]
-
-
-def upgrade_meddinov3(arch: dict) -> dict:
-    """A model.json from before ``decoder`` existed (it names ``decoder_channels``, and the old informational
-    ``high_res`` flag) was trained with the progressive decoder: say so explicitly."""
-    if "decoder" not in arch and "decoder_channels" in arch:
-        arch["decoder"] = "progressive"
-    arch.pop("high_res", None)
-    return arch
-
-
-@register_model("meddinov3", defaults=DEFAULTS, spatial_dims=2, upgrade=upgrade_meddinov3,
-                summary="MedDINOv3 (2D): multi-scale token aggregation + PatchDecode (official)")
-def build_meddinov3(cfg: dict, load_checkpoints: bool = True) -> nn.Module:
-    return MedDINOv3(cfg)

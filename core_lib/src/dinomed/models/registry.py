@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import inspect
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,39 +26,62 @@ WEIGHTS_FILE = "model.safetensors"
 JSON_FILE = "model.json"
 # Keys that point at files used only to initialise a model for training; a model folder never needs them.
 CHECKPOINT_KEYS = ("backbone_checkpoint", "pet_backbone_checkpoint", "ct_backbone_checkpoint", "stage1_checkpoint")
-COMMON_KEYS = ("name", "backbone", "in_chans", "num_classes")
+COMMON_KEYS = ("name", "backbone", "in_chans", "num_classes")  # every model's constructor takes these
 
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One registered architecture: its builder, default config, and how inference feeds it."""
+    """One registered architecture: its class, built from keyword arguments whose defaults (in the signature, as in
+    timm) are the architecture's defaults, and how inference feeds it."""
 
     name: str
-    builder: Callable[[dict, bool], nn.Module]
-    defaults: dict
+    cls: type
+    defaults: dict  # every architecture key and its default (None for a required one); checkpoint keys excepted
     spatial_dims: int  # 2: (B, C, H, W) slices; 3: (B, C, D, H, W) volumes
-    inference_mode: str  # "slicewise2d" or "sliding3d" (model.json inference.mode)
     summary: str = ""
-    required: tuple[str, ...] = field(default=("num_classes",))
+    required: tuple[str, ...] = ()
+    checkpoint_keys: tuple[str, ...] = ()  # keyword arguments naming files that initialise a model for training
     # maps an architecture written by an earlier dinomed (e.g. before a default changed) to the same model in
     # today's keys, so that old model folders keep loading as what they were trained as
     upgrade: Callable[[dict], dict] | None = None
+
+    @property
+    def inference_mode(self) -> str:
+        """model.json ``inference.mode``: 2D models run slice by slice, 3D models by sliding window."""
+        return "slicewise2d" if self.spatial_dims == 2 else "sliding3d"
 
 
 MODEL_REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, *, defaults: dict, spatial_dims: int, summary: str = "",
-                   required: tuple[str, ...] = ("num_classes",), upgrade: Callable[[dict], dict] | None = None):
-    """Class/function decorator: ``builder(config, load_checkpoints)`` becomes buildable as ``name``."""
+def register_model(name: str, *, spatial_dims: int, summary: str = "", upgrade: Callable[[dict], dict] | None = None):
+    """Class decorator: the model class becomes buildable as ``name`` from a model.json ``architecture``.
 
-    def wrap(builder):
+    The class takes keyword-only arguments; those without a default (``num_classes``) are required; those named in
+    :data:`CHECKPOINT_KEYS` are files used only when building for training.
+    """
+
+    def wrap(cls):
+        defaults, required, checkpoints = {}, [], []
+        for param in inspect.signature(cls.__init__).parameters.values():
+            if param.kind is not inspect.Parameter.KEYWORD_ONLY:
+                continue
+            if param.name in CHECKPOINT_KEYS:
+                checkpoints.append(param.name)
+                continue
+            if param.default is inspect.Parameter.empty:
+                required.append(param.name)
+                defaults[param.name] = None
+            else:
+                defaults[param.name] = _jsonable(param.default)
+        missing = sorted({"in_chans", "num_classes"} - set(defaults))
+        if missing:
+            raise TypeError(f"model {name}: the constructor lacks the common keyword(s) {', '.join(missing)}")
         MODEL_REGISTRY[name] = ModelEntry(
-            name=name, builder=builder, defaults=dict(defaults), spatial_dims=spatial_dims,
-            inference_mode="slicewise2d" if spatial_dims == 2 else "sliding3d", summary=summary, required=required,
-            upgrade=upgrade,
+            name=name, cls=cls, defaults=defaults, spatial_dims=spatial_dims, summary=summary,
+            required=tuple(required), checkpoint_keys=tuple(checkpoints), upgrade=upgrade,
         )
-        return builder
+        return cls
 
     return wrap
 
@@ -103,11 +127,11 @@ def resolve_config(arch_config: dict) -> dict:
     if "name" not in arch_config:
         raise DinomedError(f"the model architecture has no 'name' (keys: {', '.join(sorted(arch_config)) or 'none'})")
     entry = _entry(arch_config["name"])
-    unknown = sorted(set(arch_config) - set(entry.defaults) - set(COMMON_KEYS) - set(CHECKPOINT_KEYS))
+    unknown = sorted(set(arch_config) - set(entry.defaults) - set(entry.checkpoint_keys) - {"name"})
     if unknown:
         raise DinomedError(
             f"model {entry.name!r}: unknown architecture key(s) {', '.join(unknown)}; "
-            f"known keys: {', '.join(sorted(set(entry.defaults) | set(COMMON_KEYS)))}"
+            f"known keys: {', '.join(sorted(set(entry.defaults) | set(entry.checkpoint_keys)))}"
         )
     missing = [k for k in entry.required if arch_config.get(k) is None and entry.defaults.get(k) is None]
     if missing:
@@ -131,11 +155,10 @@ def build_model(arch_config: dict, load_checkpoints: bool = True) -> nn.Module:
     """
     cfg = resolve_config(arch_config)
     entry = _entry(cfg["name"])
-    build_cfg = dict(cfg)
+    kwargs = {k: v for k, v in cfg.items() if k != "name"}
     if not load_checkpoints:
-        for key in CHECKPOINT_KEYS:
-            build_cfg[key] = None
-    model = entry.builder(build_cfg, load_checkpoints)
+        kwargs.update({k: None for k in entry.checkpoint_keys if k in kwargs})
+    model = entry.cls(**kwargs)
     model.arch_config = cfg
     model.model_entry = entry
     return model

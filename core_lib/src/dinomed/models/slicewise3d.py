@@ -31,37 +31,26 @@ The backbone is frozen (no gradient, kept in eval mode, run without autograd) un
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import (ConvNormAct3d, aggregation_layers, check_input, freeze, group_norm, make_backbone, pad_to_patch,
-                     vit_features)
+from ..backbones.forward import pad_to_patch, vit_features
+from .common import ConvNormAct3d, aggregation_layers, check_input, freeze, group_norm, make_backbone
 from .registry import register_model
-
-COMMON = {
-    "backbone": "vit_base",
-    "in_chans": 1,
-    "num_classes": None,
-    "layers": None,
-    "freeze_backbone": True,
-    "slice_batch": 32,  # slices per backbone call, to bound memory on long volumes
-}
-DEFAULTS_3D = {**COMMON, "head": "decoder", "decoder_channels": [128, 64, 32, 16],
-               "input_skips": False,  # named option: trainable raw-image CNN skips (see the module docstring)
-               "skip_channels": [16, 32, 64, 128]}  # input_skips only: CNN widths at full, 1/2, 1/4, 1/8 in-plane
-DEFAULTS_LINEAR = {**COMMON, "layers": [-1]}
-
 
 class FrozenSliceEncoder(nn.Module):
     """A (by default frozen) DINOv3 ViT giving the normalised patch-token maps of ``layers`` for 2D slices."""
 
-    def __init__(self, cfg: dict, default_layers: list[int] | None):
+    def __init__(self, backbone: str, in_chans: int, layers: Sequence[int] | None, freeze_backbone: bool,
+                 slice_batch: int, checkpoint: str | None):
         super().__init__()
-        self.backbone = make_backbone(cfg["backbone"], cfg["in_chans"], cfg.get("backbone_checkpoint"))
-        self.layers = aggregation_layers(self.backbone, cfg["layers"] if cfg["layers"] is not None else default_layers)
-        self.frozen = bool(cfg["freeze_backbone"])
-        self.slice_batch = int(cfg["slice_batch"])
+        self.backbone = make_backbone(backbone, in_chans, checkpoint)
+        self.layers = aggregation_layers(self.backbone, layers)
+        self.frozen = bool(freeze_backbone)
+        self.slice_batch = int(slice_batch)
         if self.frozen:
             freeze(self.backbone)
             self.backbone.eval()
@@ -96,16 +85,22 @@ def slices_to_volume(x: torch.Tensor, b: int, d: int) -> torch.Tensor:
     return x.reshape(b, d, c, h, w).permute(0, 2, 1, 3, 4)
 
 
+@register_model("linear_probe", spatial_dims=2,
+                summary="linear probe: 1×1 head on frozen DINOv3 patch tokens, upsampled (2D)")
 class LinearProbe(nn.Module):
-    """Linear probe: a 1×1 convolution on frozen patch tokens, upsampled bilinearly to the slice size (2D)."""
+    """Linear probe: a 1×1 convolution on frozen patch tokens (of ``layers``, default the last block), upsampled
+    bilinearly to the slice size (2D). ``slice_batch``: slices per backbone call, bounding memory."""
 
     spatial_dims = 2
 
-    def __init__(self, cfg: dict):
+    def __init__(self, *, num_classes: int, backbone: str = "vit_base", in_chans: int = 1,
+                 layers: Sequence[int] | None = (-1,), freeze_backbone: bool = True, slice_batch: int = 32,
+                 backbone_checkpoint: str | None = None):
         super().__init__()
-        self.in_chans = cfg["in_chans"]
-        self.encoder = FrozenSliceEncoder(cfg, default_layers=[-1])
-        self.head = nn.Conv2d(self.encoder.out_channels, cfg["num_classes"], 1)
+        self.in_chans = in_chans
+        self.encoder = FrozenSliceEncoder(backbone, in_chans, [-1] if layers is None else layers, freeze_backbone,
+                                          slice_batch, backbone_checkpoint)
+        self.head = nn.Conv2d(self.encoder.out_channels, num_classes, 1)
 
     @property
     def backbone(self) -> nn.Module:
@@ -192,22 +187,39 @@ class PseudoVolumeDecoder(nn.Module):
         return self.classifier(x)
 
 
+def upgrade_slicewise3d(arch: dict) -> dict:
+    """A model.json from before ``input_skips`` existed was trained with the raw-image CNN skips."""
+    if "input_skips" not in arch and "skip_channels" in arch:
+        arch["input_skips"] = True
+    return arch
+
+
+@register_model("slicewise3d", spatial_dims=3, upgrade=upgrade_slicewise3d,
+                summary="frozen DINOv3 slice-wise features, pseudo-3D volume, light 3D decoder (head: linear = linear probe)")
 class SlicewiseFrozen3D(nn.Module):
-    """Frozen DINOv3 slice-wise features stacked into a pseudo-3D volume + a light 3D decoder (or a linear probe)."""
+    """Frozen DINOv3 slice-wise features stacked into a pseudo-3D volume + a light 3D decoder (``head: decoder``,
+    widths ``decoder_channels``; ``input_skips`` with ``skip_channels``: the named option of the module docstring)
+    or a linear probe applied slice by slice (``head: linear``)."""
 
     spatial_dims = 3
 
-    def __init__(self, cfg: dict):
+    def __init__(self, *, num_classes: int, backbone: str = "vit_base", in_chans: int = 1,
+                 layers: Sequence[int] | None = None, freeze_backbone: bool = True, slice_batch: int = 32,
+                 head: str = "decoder", decoder_channels: Sequence[int] = (128, 64, 32, 16), input_skips: bool = False,
+                 skip_channels: Sequence[int] = (16, 32, 64, 128), backbone_checkpoint: str | None = None):
         super().__init__()
-        self.in_chans = cfg["in_chans"]
-        self.head_kind = cfg["head"]
+        self.in_chans = in_chans
+        self.head_kind = head
         if self.head_kind == "linear":
-            self.probe = LinearProbe({**cfg, "layers": cfg["layers"] if cfg["layers"] is not None else [-1]})
+            self.probe = LinearProbe(num_classes=num_classes, backbone=backbone, in_chans=in_chans, layers=layers,
+                                     freeze_backbone=freeze_backbone, slice_batch=slice_batch,
+                                     backbone_checkpoint=backbone_checkpoint)
         elif self.head_kind == "decoder":
-            self.encoder = FrozenSliceEncoder(cfg, default_layers=None)
-            self.decoder = PseudoVolumeDecoder(self.encoder.out_channels, cfg["in_chans"], cfg["num_classes"],
-                                               list(cfg["decoder_channels"]), list(cfg["skip_channels"]),
-                                               input_skips=bool(cfg["input_skips"]),
+            self.encoder = FrozenSliceEncoder(backbone, in_chans, layers, freeze_backbone, slice_batch,
+                                              backbone_checkpoint)
+            self.decoder = PseudoVolumeDecoder(self.encoder.out_channels, in_chans, num_classes,
+                                               list(decoder_channels), list(skip_channels),
+                                               input_skips=bool(input_skips),
                                                embed_dim=self.encoder.backbone.embed_dim,
                                                num_layers=len(self.encoder.layers))
         else:
@@ -229,22 +241,3 @@ class SlicewiseFrozen3D(nn.Module):
         feats = slices_to_volume(self.encoder(volume_to_slices(xp)), b, d)  # (B, C_feat, D, H/16, W/16)
         layer_feats = list(torch.chunk(feats, len(self.encoder.layers), dim=1))  # per block, in layer order
         return self.decoder(feats, xp, layer_feats)[..., :h, :w]
-
-
-def upgrade_slicewise3d(arch: dict) -> dict:
-    """A model.json from before ``input_skips`` existed was trained with the raw-image CNN skips."""
-    if "input_skips" not in arch and "skip_channels" in arch:
-        arch["input_skips"] = True
-    return arch
-
-
-@register_model("slicewise3d", defaults=DEFAULTS_3D, spatial_dims=3, upgrade=upgrade_slicewise3d,
-                summary="frozen DINOv3 slice-wise features, pseudo-3D volume, light 3D decoder (head: linear = linear probe)")
-def build_slicewise3d(cfg: dict, load_checkpoints: bool = True) -> nn.Module:
-    return SlicewiseFrozen3D(cfg)
-
-
-@register_model("linear_probe", defaults=DEFAULTS_LINEAR, spatial_dims=2,
-                summary="linear probe: 1×1 head on frozen DINOv3 patch tokens, upsampled (2D)")
-def build_linear_probe(cfg: dict, load_checkpoints: bool = True) -> nn.Module:
-    return LinearProbe(cfg)

@@ -5,14 +5,14 @@ stage 2 Gram anchoring, stage 3 high-resolution adaptation (DINOv3, Siméoni et 
 and Dual-DINOv3 run this recipe on CT and PET slices). ``dinomed pretrain`` and ``dinomed export-backbone``
 are the command-line entry points.
 """
-from .config import load_config, list_stage_configs
+from ..backbones.forward import add_mask_token, vit_tokens
+from .config import list_stage_configs, load_config
 from .dino_clstoken_loss import DINOClsTokenLoss, sinkhorn_knopp
 from .gram_loss import GramLoss, resize_patch_features
 from .heads import DINOHead
 from .ibot_patch_loss import IBOTPatchLoss
 from .koleo_loss import KoLeoLoss
 from .meta_arch import SSLMetaArch, SSLNetwork, collapse_metrics
-from .tokens import add_mask_token, vit_tokens
 
 __all__ = [
     "DINOClsTokenLoss", "DINOHead", "GramLoss", "IBOTPatchLoss", "KoLeoLoss", "SSLMetaArch", "SSLNetwork",

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones.forward import vit_tokens
 from .dino_clstoken_loss import DINOClsTokenLoss
 from .gram_loss import GramLoss, resize_patch_features
 from .heads import DINOHead
 from .ibot_patch_loss import IBOTPatchLoss
 from .koleo_loss import KoLeoLoss
-from .tokens import vit_tokens
 
 
 class SSLNetwork(nn.Module):
@@ -69,7 +69,7 @@ def build_heads(cfg: dict, embed_dim: int) -> tuple[DINOHead, DINOHead]:
 class SSLMetaArch(nn.Module):
     """Holds student, teacher, optional Gram teacher and the four losses; one ``forward_backward`` per step.
 
-    ``student_backbone`` must carry a ``mask_token`` (:func:`~dinomed.pretrain.tokens.add_mask_token`);
+    ``student_backbone`` must carry a ``mask_token`` (:func:`~dinomed.backbones.forward.add_mask_token`);
     ``gram_backbone`` is the frozen Gram teacher (stages 2 and 3) or None.
     """
 

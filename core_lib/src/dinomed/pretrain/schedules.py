@@ -4,7 +4,7 @@ Every schedule of a stage config is ``{start, peak, end, warmup_epochs[, cosine_
 ``peak`` linearly over the warm-up, from ``peak`` to ``end`` along a half cosine over ``cosine_epochs`` (default:
 the rest of the run), then ``end``. A constant is ``start = peak = end``; a cosine without warm-up is
 ``start = peak``. Used for the learning rate, weight decay, teacher EMA momentum, teacher temperature, the
-DINO local-crop loss weight and the Gram loss weight.
+DINO local-crop loss weight and the Gram loss weight. The curve itself is :func:`dinomed.training.warmup_cosine`.
 """
 from __future__ import annotations
 
@@ -12,18 +12,7 @@ import math
 
 import numpy as np
 
-
-def warmup_cosine(start: float, peak: float, end: float, warmup_iterations: int, total_iterations: int,
-                  cosine_iterations: int | None = None) -> np.ndarray:
-    warmup_iterations = min(int(warmup_iterations), int(total_iterations))
-    linear = np.linspace(start, peak, warmup_iterations, endpoint=False)
-    if cosine_iterations is None:
-        cosine_iterations = total_iterations - warmup_iterations
-    cosine_iterations = min(int(cosine_iterations), total_iterations - warmup_iterations)
-    phase = np.linspace(0.0, math.pi, cosine_iterations)
-    cosine = end + (peak - end) * (np.cos(phase) + 1.0) / 2.0
-    constant = np.full(total_iterations - warmup_iterations - cosine_iterations, float(end))
-    return np.concatenate([linear, cosine, constant]).astype(np.float64)
+from ..training import warmup_cosine
 
 
 def schedule_from_config(spec: dict, epoch_length: int, total_iterations: int, scale: float = 1.0) -> np.ndarray:

@@ -11,7 +11,6 @@ import collections
 import json
 import logging
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from ..backbones import create_backbone, load_backbone
 from ..errors import DinomedError
 from ..events import EventWriter
 from ..runtime import DistInfo, StopRequest, init_distributed
+from ..training import (check_finite_loss, check_run_folder, gather_rng_states, restore_rng_states, seed_everything,
+                        wrap_ddp)
 from . import checkpoint as ckpt
 from .config import dump_config
 from .crops import MultiCropAugmentation, MultiCropConfig
@@ -32,7 +33,7 @@ from .data import MultiCropCollator, MultiCropSliceDataset, SliceSource, StepBat
 from .heads import DINOHead
 from .meta_arch import SSLMetaArch, build_heads
 from .schedules import lr_scale, schedule_from_config
-from .tokens import add_mask_token
+from ..backbones.forward import add_mask_token
 
 log = logging.getLogger(__name__)
 STATUS_FILE = "status.json"  # the run at its last checkpoint, for front-ends (no torch needed to read it)
@@ -177,12 +178,6 @@ def gram_refresh_due(cfg: dict, iteration: int, done_updates: int) -> bool:
 # the run
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def pretrain(cfg: dict, data_dir: str | Path, run_dir: str | Path, events: EventWriter | None = None,
              resume: bool = False, stop_after: int | None = None) -> dict:
     """Run (or continue) one pretraining stage; return a summary (last metrics, skipped files, paths).
@@ -222,9 +217,7 @@ def _remove_unstarted_run(run_dir: Path, run_existed: bool) -> None:
 def _pretrain(cfg, data_dir, run_dir, events, resume, stop_after, env: DistInfo, device: torch.device,
               stop: StopRequest) -> dict:
     train = cfg["train"]
-    if not resume and (run_dir / ckpt.CHECKPOINT).exists():
-        raise DinomedError(f"--out {run_dir} already holds a run ({ckpt.CHECKPOINT}); pass --resume to continue it "
-                           "or choose another folder")
+    check_run_folder(run_dir / ckpt.CHECKPOINT, resume, "pretraining run")
     state = ckpt.load_run_checkpoint(run_dir) if resume else None
 
     scan = scan_volume_folder(data_dir, cfg["modality"])
@@ -238,7 +231,7 @@ def _pretrain(cfg, data_dir, run_dir, events, resume, stop_after, env: DistInfo,
         for path, why in scan.skipped:
             events.log(f"skipped unreadable file {path}: {why}")
 
-    _seed_everything(int(train["seed"]))
+    seed_everything(int(train["seed"]))
     meta = build_meta_arch(cfg).to(device)
     meta.train()
     local_batch = int(train["batch_size_per_gpu"])
@@ -257,14 +250,10 @@ def _pretrain(cfg, data_dir, run_dir, events, resume, stop_after, env: DistInfo,
         optimizer.load_state_dict(state["optimizer"])
         start, gram_updates = int(state["iteration"]), int(state["gram_updates"])
         unreadable = list(dict.fromkeys(unreadable + list(state.get("unreadable", []))))
-        ckpt.set_rng_state(state["rng"][env.rank] if isinstance(state["rng"], list) else state["rng"])
+        restore_rng_states(state["rng"], env)
         events.log(f"resumed from {run_dir / ckpt.CHECKPOINT} at iteration {start}")
 
-    if env.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        meta.student_forward = DistributedDataParallel(
-            meta.student, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    meta.student_forward = wrap_ddp(meta.student, device, env, broadcast_buffers=False)
 
     crops = MultiCropConfig.from_config(cfg["crops"])
     dataset = MultiCropSliceDataset(source, MultiCropAugmentation(crops), seed=int(train["seed"]), global_batch=global_batch)
@@ -309,9 +298,8 @@ def _pretrain(cfg, data_dir, run_dir, events, resume, stop_after, env: DistInfo,
         names = list(metrics)
         values = _all_mean(torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).to(device) for k in names]))
         reduced = dict(zip(names, (float(v) for v in values.cpu())))
-        if not math.isfinite(reduced["loss"]):
-            raise DinomedError(f"the loss became {reduced['loss']} at iteration {it}; lower schedules.lr.peak or "
-                               "raise optim.clip_grad, then start again or --resume from the last checkpoint")
+        check_finite_loss(reduced["loss"], f"iteration {it}", "lower schedules.lr.peak or raise optim.clip_grad, "
+                          "then start again or --resume from the last checkpoint")
         optimizer.step()
         meta.update_teacher(float(schedules.momentum[it]))
         if gram_refresh_due(cfg, it, gram_updates):
@@ -370,11 +358,7 @@ def _warn_dead_start(cfg: dict, recent_entropy, step: int, events: EventWriter) 
 
 def _save(run_dir, meta, optimizer, step, gram_updates, unreadable, env: DistInfo, cfg, events, total: int,
           data_dir) -> None:
-    rng = ckpt.rng_state()
-    if env.world_size > 1:  # every process's RNG streams (drop-path) are kept, rank-indexed
-        gathered: list = [None] * env.world_size
-        dist.all_gather_object(gathered, rng)
-        rng = gathered
+    rng = gather_rng_states(env)  # every process's RNG streams (drop-path) are kept, rank-indexed
     if not env.main:
         return
     payload = {

@@ -8,7 +8,8 @@ model does not know count as background). Written atomically: ``METRICS.csv`` (o
 per-label means and the overall mean), ``METRICS.json`` beside it (everything), and for the lesion labels (those
 flagged ``lesion: true`` in model.json, or ``lesion_labels``) ``METRICS.lesions.csv`` (one row per reference
 lesion: volume, size stratum, detected, Dice) and ``METRICS.strata.csv`` (per label and stratum: lesions, detected,
-sensitivity, mean lesion Dice, false-positive components). See :mod:`.metrics` for NSD and the strata defaults.
+sensitivity, mean lesion Dice, false-positive components). See :mod:`dinomed.finetune.metrics` for NSD and the
+strata defaults.
 """
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ import math
 import time
 from pathlib import Path
 
-from ..atomic import atomic_write_text
-from ..errors import DinomedError
-from ..events import EventWriter
-from .dataset import _dataset_label_values, load_case, open_dataset, read_dataset_json
-from .metrics import (METRIC_NAMES, NSD_TOLERANCE_MM, SIZE_THRESHOLDS_ML, STRATA, class_metrics, lesion_metrics,
-                      summarize, summarize_strata)
+from .atomic import atomic_write_text
+from .errors import DinomedError
+from .events import EventWriter
+from .finetune.dataset import _dataset_label_values, load_case, open_dataset, read_dataset_json
+from .finetune.metrics import (METRIC_NAMES, NSD_TOLERANCE_MM, SIZE_THRESHOLDS_ML, STRATA, class_metrics,
+                               lesion_metrics, summarize, summarize_strata)
 
 CSV_COLUMNS = ("case", "label", "value", *METRIC_NAMES, "truth_voxels", "pred_voxels")
 LESION_COLUMNS = ("case", "label", "lesion", "volume_ml", "stratum", "detected", "dice")
@@ -66,10 +67,10 @@ def _predict_on_case_grid(model, model_json: dict, spec, case, specs) -> tuple:
     import numpy as np
     import SimpleITK as sitk
 
-    from ..inference.predict import predict_volume
-    from ..inference.segment import labels_to_reference, model_grid
-    from ..io import read_image
-    from .dataset import read_case_labels
+    from .inference.predict import predict_volume
+    from .inference.segment import labels_to_reference, model_grid
+    from .io import read_image
+    from .finetune.dataset import read_case_labels
 
     pre = model_json.get("preprocessing") or {}
     reference = read_image(case.label)
@@ -93,9 +94,9 @@ def evaluate_model(model_dir: str | Path, data_dir: str | Path, out_csv: str | P
     ``nsd_tolerance_mm``: the NSD tolerance (official MedDINOv3 evaluation: 1 mm). ``size_thresholds_ml``: (small/
     medium, medium/large) lesion volumes in ml. ``lesion_labels``: the label names scored per lesion (default: those
     flagged ``lesion: true`` in model.json)."""
-    from ..models import load_model_folder
-    from ..preprocess import default_spec
-    from ..runtime import resolve_device
+    from .models import load_model_folder
+    from .preprocess import default_spec
+    from .runtime import resolve_device
 
     events = events or EventWriter(enabled=False, quiet=True)
     out_csv = Path(out_csv)

@@ -345,9 +345,12 @@ def test_correct_with_the_segment_editor_then_save_and_recompute(server, browser
         page.wait_for_timeout(100)  # a user's stroke: the server gets each move
     page.mouse.up()
     poll(page, lambda: changed_fraction(before, view_pixels(page, "Red")) > 0.005, 30, "the painted stroke")
+    # the stroke's first frames can be the brush feedback while the server still applies the stroke on mouse-up:
+    # save once the view has settled (a CI run saved before the stroke was in the segmentation)
+    still_picture(page, "Red")
     page.click("#save-button")
     poll(page, lambda: json.loads(sidecar.read_text())["labels"][0]["voxels"] > voxels_before["lesion"], 60,
-         "the painted voxels in the saved lesion label")
+         f"the painted voxels in the saved lesion label (page status: {text(page, '#status')!r})")
     page.click("#recompute-button")
     poll(page, lambda: text(page, "#status").startswith("Lesion table recomputed"), CHILD_TIMEOUT,
          "the recomputed lesion table")

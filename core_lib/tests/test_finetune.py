@@ -81,6 +81,11 @@ def test_config_preprocessing_and_schedule_keys():
     assert load_config("tiny_meddinov3", {"preprocessing": spec})["preprocessing"]["channels"] == spec  # the earlier form
     with pytest.raises(DinomedError, match="preprocessing.target_spacing"):
         tiny("preprocessing.target_spacing=[1,1]")
+    # a null z keeps each case's own slice spacing (2D models); x and y must be given
+    assert tiny("preprocessing.target_spacing=[3,3,null]")["preprocessing"]["target_spacing"] == [3, 3, None]
+    for bad in ("[null,1,1]", "[1,1,0]", "[1,true,1]"):
+        with pytest.raises(DinomedError, match="preprocessing.target_spacing"):
+            tiny(f"preprocessing.target_spacing={bad}")
     with pytest.raises(DinomedError, match="preprocessing.input_scale"):
         tiny("preprocessing.input_scale=0")
     with pytest.raises(DinomedError, match="optim.schedule"):
@@ -326,3 +331,30 @@ def test_time_budget_ends_the_run_like_its_last_step(dataset, tmp_path):
     assert result.step == 1 and not result.stopped and result.best_step == 1
     assert (tmp_path / "m" / "model.json").is_file()
     assert [h["phase"] for h in result.history] == ["train", "val"]
+
+
+def test_class_ratios_centre_patches_on_the_named_class(dataset):
+    """data.class_ratios (named option): all weight on kidney puts every patch centre on kidney; a wrong length is
+    refused naming the key. The augment options (noise, blur, gamma) keep shapes and stay finite."""
+    from dinomed.finetune import load_case
+    from dinomed.finetune.transforms import crop_ratios
+    from dinomed.preprocess import default_spec
+
+    cfg = tiny(*QUICK, "labels=[lesion, liver, kidney]", "data.class_ratios=[0, 0, 0, 1]",
+               "augment.noise_prob=1", "augment.smooth_prob=1", "augment.gamma_prob=1", "augment.affine_prob=0",
+               "augment.flip_prob=0")
+    spec = open_dataset(dataset, cfg["inputs"], cfg["labels"], cfg["background_labels"])
+    specs = [default_spec(m) for m in cfg["inputs"]]
+    cache = {}
+    sampler = PatchSampler(spec.case_names, lambda n: cache.setdefault(n, load_case(spec, spec.case(n), specs)),
+                           [32, 32], 4, cfg["data"], cfg["augment"], seed=1)
+    for index in range(6):
+        patch = sampler.sample(index)
+        assert patch["label"][0, 16, 16] == 3  # kidney at the crop centre
+        assert torch.isfinite(patch["image"]).all() and patch["image"].shape == (2, 32, 32)
+    plain = PatchSampler(spec.case_names, sampler.load, [32, 32], 4, {**cfg["data"], "class_ratios": None},
+                         {**cfg["augment"], "noise_prob": 0, "smooth_prob": 0, "gamma_prob": 0}, seed=1)
+    assert not torch.equal(plain.sample(0)["image"], sampler.sample(0)["image"])  # the options do act
+    assert crop_ratios(4, 2.0, 1.0) == [1.0, 2 / 3, 2 / 3, 2 / 3]
+    with pytest.raises(DinomedError, match="data.class_ratios: expected 4"):
+        crop_ratios(4, 2.0, 1.0, [1, 1])

@@ -24,7 +24,7 @@ SHRINK = {
     "meddinov3": TINY_2D + ["model.layers=null"],
     "linear_probe": TINY_2D,
     "dual_petct": TINY_2D + ["model.decoder_channels=[16,16,16,16]"],
-    "demo": ["data.patch_size=[32,32]"],
+    "demo": ["data.patch_size=[32,32]", "preprocessing.target_spacing=[8.0,8.0,null]"],
     "tiny_meddinov3": ["data.patch_size=[32,32]"],
     "slicewise3d": TINY_3D + ["model.decoder_channels=[16,16,16,16]", "model.skip_channels=[8,8,8,8]"],
     "dinomed3d_stage1": TINY_3D + ["model.proxy_hidden=32"],
@@ -81,6 +81,8 @@ def test_recipe_trains(name, dataset, tmp_path):
     model, mj = load_model_folder(tmp_path / name)
     assert mj["architecture"]["name"] == load_config(name)["model"]["name"]
     assert mj["inference"]["mode"] == ("sliding3d" if name == "slicewise3d" else "slicewise2d")
+    if name == "demo":  # the recipe's own model grid: fixed in-plane spacing, each case's slices, input scale 2
+        assert mj["preprocessing"]["target_spacing"] == [8.0, 8.0, None] and mj["preprocessing"]["input_scale"] == 2.0
     if name == "meddinov3":  # trained at the high-resolution input scale, recorded for dinomed segment
         assert mj["preprocessing"]["input_scale"] == 1.75 and mj["preprocessing"]["target_spacing"] is None
     if name in ("linear_probe", "slicewise3d"):  # frozen baselines: the backbone did not move

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from dinomed.errors import DinomedError
 from dinomed.inference.segment import labels_to_reference, model_grid, model_spacing, segment_images
 from dinomed.models import load_model_folder
 from dinomed.synthetic import LABEL_VALUES, make_phantom
@@ -43,6 +44,14 @@ def test_model_spacing_combines_target_spacing_and_input_scale():
                                [1 / 1.75, 1 / 1.75, 2.0])
     grid = model_grid(ct, {"target_spacing": [1.6, 1.4, 5.0]})
     assert grid.GetSize() == (20, 18, 6) and grid.GetDirection() == ct.GetDirection()
+    # a null z keeps the image's own slice spacing (2D models), with or without an input scale
+    np.testing.assert_allclose(model_spacing(ct, {"target_spacing": [1.6, 1.4, None]}), [1.6, 1.4, 2.5])
+    np.testing.assert_allclose(model_spacing(ct, {"target_spacing": [3.0, 3.0, None], "input_scale": 2.0}),
+                               [1.5, 1.5, 2.5])
+    assert model_grid(ct, {"target_spacing": [1.6, 1.4, None]}).GetSize() == (20, 18, 12)
+    for bad in ([None, 1.0, 1.0], [1.0, 1.0], [1.0, 1.0, 0.0]):
+        with pytest.raises(DinomedError, match="target_spacing"):
+            model_spacing(ct, {"target_spacing": bad})
 
 
 @pytest.mark.parametrize("pre", [{"target_spacing": [1.5, 1.2, 4.0]}, {"input_scale": 1.75},

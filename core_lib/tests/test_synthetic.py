@@ -137,3 +137,30 @@ def test_nnunet_dataset_layout(tmp_path):
         lab = read_image(tmp_path / "ds" / "labelsTr" / f"{case}.nii.gz")
         assert same_grid(ct, pet) and same_grid(ct, lab)
         assert set(np.unique(_arr(lab))) <= set(meta["labels"].values())
+
+
+def test_wide_variety_draws_spacing_matrix_and_anatomy_from_wider_ranges(tmp_path):
+    """variety="standard" is the default generator unchanged; "wide" draws the spacing (0.7-4 mm in-plane, 1-5 mm
+    slices) with the matrix following the field of view up to ``shape``, and still paints organs and lesions."""
+    from dinomed.errors import DinomedError
+    from dinomed.synthetic.phantom import VARIETIES
+
+    a, b = make_phantom(4, SMALL), make_phantom(4, SMALL, variety="standard")
+    np.testing.assert_array_equal(_arr(a.ct), _arr(b.ct))
+    spacings, sizes = [], []
+    for seed in range(6):
+        p = make_phantom(seed, (48, 160, 160), variety="wide")
+        sx, sy, sz = p.ct.GetSpacing()
+        nx, ny, nz = p.ct.GetSize()
+        assert 0.7 <= sx <= 4.0 and sx == sy and 1.0 <= sz <= 5.0
+        assert nx == ny <= 160 and nz <= 48
+        organs = set(np.unique(_arr(p.organs)).tolist())
+        assert len(organs - {0}) >= 1  # anatomy in every field of view
+        spacings.append(sx)
+        sizes.append(nx)
+    assert max(spacings) / min(spacings) > 1.5 and len(set(sizes)) > 1
+    assert VARIETIES["wide"].lesion_mm[0] < VARIETIES["standard"].lesion_mm[0]
+    with pytest.raises(DinomedError, match="variety 'odd'"):
+        make_phantom(1, SMALL, variety="odd")
+    path = write_nnunet_dataset(tmp_path / "ds", seeds=[20], shape=(24, 64, 64), variety="wide")
+    assert json.loads(path.read_text())["numTraining"] == 1

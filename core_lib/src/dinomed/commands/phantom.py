@@ -68,6 +68,10 @@ def register(subparsers) -> None:
                    help="with --cases: also write classification.csv (case, patient, lesion, liver_lesion, contrast, "
                         "lung_in_view, liver_in_view: 0/1 labels of what each phantom contains), the labels table of dinomed classify")
     p.add_argument("--oblique", action="store_true", help="tilt the CT and PET grids by a few degrees")
+    p.add_argument("--variety", choices=["standard", "wide"], default="standard",
+                   help="ranges of the random draws: standard (default, the phantoms of earlier versions) or wide "
+                        "(body and organ sizes and positions, HU/SUV levels, noise, spacing 0.7-4 mm, slices 1-5 mm, "
+                        "0-12 lesions of 4-45 mm and lower contrast; --shape is then the largest matrix)")
     p.add_argument("--events", action="store_true", help="write JSON-lines events on stdout")
     p.set_defaults(func=run)
 
@@ -93,13 +97,15 @@ def run(args) -> int:
         start = time.perf_counter()
         path = write_nnunet_dataset(args.out, range(args.seed, args.seed + args.cases), shape=args.shape,
                                     progress=events.progress, n_lesions=args.lesions, oblique=args.oblique,
-                                    lesion_free_fraction=args.lesion_free, classification_csv=args.classification_csv)
+                                    lesion_free_fraction=args.lesion_free, classification_csv=args.classification_csv,
+                                    variety=args.variety)
         events.log(f"{args.cases} cases in {time.perf_counter() - start:.1f} s")
         events.artifact("dataset", str(path))
         events.done()
         return 0
     events.progress(0, 1, "phantom")
-    phantom = make_phantom(args.seed, shape=args.shape, n_lesions=args.lesions, oblique=args.oblique)
+    phantom = make_phantom(args.seed, shape=args.shape, n_lesions=args.lesions, oblique=args.oblique,
+                           variety=args.variety)
     paths = write_phantom_case(phantom, args.out, dicom=args.dicom)
     events.progress(1, 1, "phantom")
     for kind, path in paths.items():

@@ -40,8 +40,9 @@ DEFAULTS: dict[str, Any] = {
         # one spec per input; null: dinomed.preprocess defaults (CT window, PET log1p SUV). (A list given directly
         # as `preprocessing:` is read as these channel specs, the earlier form.)
         "channels": None,
-        # resample every case to this voxel spacing [x, y, z] mm before training (null: each case's own grid);
-        # dinomed segment resamples the input to it and puts the labels back onto the CT grid
+        # resample every case to this voxel spacing [x, y, z] mm before training (null: each case's own grid; a null
+        # z keeps each case's own slice spacing, the natural choice for 2D models); dinomed segment resamples the
+        # input to it and puts the labels back onto the CT grid
         "target_spacing": None,
         # high-resolution input (MedDINOv3's main lever, sec. 4: slices at 896^2 by rescaling the spacing): the
         # in-plane spacing (target or native) is divided by this factor, so a 512^2 slice is seen at 512*scale
@@ -51,6 +52,9 @@ DEFAULTS: dict[str, Any] = {
         "patch_size": [128, 128],  # 2D models: [H, W] axial patches; 3D models: [D, H, W]
         "pos": 2.0,  # foreground : background ratio of patch centres (RandCropByPosNegLabeld)
         "neg": 1.0,
+        # named option: one crop-centre weight per class, background first (overrides pos/neg), e.g. to centre
+        # more patches on a small class such as lesions (RandCropByLabelClassesd ratios)
+        "class_ratios": None,
         "val_fraction": 0.2,  # held-out share of the cases (at least one case)
         "val_cases": None,  # explicit held-out case names (overrides val_fraction and folds)
         "folds": None,  # k folds: hold out fold ``fold`` of ``folds`` (cases in a seeded order)
@@ -66,6 +70,15 @@ DEFAULTS: dict[str, Any] = {
         "intensity_prob": 0.3,
         "intensity_scale": 0.1,  # RandScaleIntensityd factors
         "intensity_shift": 0.1,  # RandShiftIntensityd offsets (normalised units, inputs are in [-1, 1])
+        # named options beyond the papers' recipes (off by default), for robustness to other scanners and
+        # generators: Gaussian noise, Gaussian blur (a softer reconstruction), gamma contrast (MONAI transforms,
+        # applied per channel as nnU-Net's default augmentation does)
+        "noise_prob": 0.0,
+        "noise_std": 0.05,  # RandGaussianNoised std (normalised units)
+        "smooth_prob": 0.0,
+        "smooth_sigma": [0.5, 1.5],  # RandGaussianSmoothd sigma range, pixels
+        "gamma_prob": 0.0,
+        "gamma": [0.7, 1.5],  # RandAdjustContrastd gamma range
     },
     # batch_dice: Dice over the whole (per-process) batch as nnU-Net does, steadier for small classes; per-sample
     # Dice (false) makes a DDP run exactly equal to a single-process run with the same global batch
@@ -212,8 +225,10 @@ def check_config(cfg: dict) -> None:
     pre = cfg["preprocessing"]
     if pre["target_spacing"] is not None:
         ts = pre["target_spacing"]
-        if not isinstance(ts, list) or len(ts) != 3 or not all(isinstance(v, (int, float)) and v > 0 for v in ts):
-            raise DinomedError(f"config preprocessing.target_spacing: expected [x, y, z] positive millimetres, found {ts!r}")
+        if (not isinstance(ts, list) or len(ts) != 3 or ts[0] is None or ts[1] is None
+                or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0) for v in ts)):
+            raise DinomedError(f"config preprocessing.target_spacing: expected [x, y, z] positive millimetres (z may be "
+                               f"null: each case keeps its own slice spacing), found {ts!r}")
     if not isinstance(pre["input_scale"], (int, float)) or isinstance(pre["input_scale"], bool) or pre["input_scale"] <= 0:
         raise DinomedError(f"config preprocessing.input_scale: expected a positive factor, found {pre['input_scale']!r}")
     if not isinstance(optim["warmup_steps"], int) or optim["warmup_steps"] < 0:

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..errors import DinomedError
 from .dataset import CaseArrays
 
 PAD_IMAGE = -1.0  # the bottom of the normalised range: air in CT, zero uptake in PET
@@ -40,21 +41,32 @@ def pad_case(case: CaseArrays, patch_size: list[int]) -> CaseArrays:
     return CaseArrays(name=case.name, image=image, label=label, spacing=case.spacing)
 
 
-def crop_ratios(num_classes: int, pos: float, neg: float) -> list[float]:
+def crop_ratios(num_classes: int, pos: float, neg: float, class_ratios=None) -> list[float]:
+    """Crop-centre weights per class, background first: ``class_ratios`` when given (one per class), else ``neg``
+    for background and ``pos`` shared by the foreground classes."""
+    if class_ratios is not None:
+        if (not isinstance(class_ratios, (list, tuple)) or len(class_ratios) != num_classes
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in class_ratios)
+                or not any(class_ratios)):
+            raise DinomedError(f"config data.class_ratios: expected {num_classes} non-negative weights (background "
+                               f"first, then each label in order), found {class_ratios!r}")
+        return [float(v) for v in class_ratios]
     return [float(neg)] + [float(pos) / max(1, num_classes - 1)] * (num_classes - 1)
 
 
 def build_patch_transform(patch_size: list[int], num_classes: int, data_cfg: dict, aug_cfg: dict):
     """The MONAI pipeline from a padded case dict (``image`` (C,Z,Y,X), ``label`` (1,Z,Y,X), ``indices``) to one
     augmented patch (``image`` (C,[D,]H,W) float32, ``label`` (1,[D,]H,W))."""
-    from monai.transforms import (Compose, RandAffined, RandCropByLabelClassesd, RandFlipd, RandScaleIntensityd,
-                                  RandShiftIntensityd, SqueezeDimd)
+    from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandCropByLabelClassesd, RandFlipd,
+                                  RandGaussianNoised, RandGaussianSmoothd, RandScaleIntensityd, RandShiftIntensityd,
+                                  SqueezeDimd)
 
     dims = len(patch_size)
     crop_size = list(patch_size) if dims == 3 else [1, *patch_size]
     keys = ["image", "label"]
     steps = [
-        RandCropByLabelClassesd(keys, "label", crop_size, ratios=crop_ratios(num_classes, data_cfg["pos"], data_cfg["neg"]),
+        RandCropByLabelClassesd(keys, "label", crop_size, ratios=crop_ratios(num_classes, data_cfg["pos"], data_cfg["neg"],
+                                                                     data_cfg.get("class_ratios")),
                                 num_classes=num_classes, num_samples=1, indices_key="indices", warn=False),
     ]
     if dims == 2:
@@ -76,6 +88,16 @@ def build_patch_transform(patch_size: list[int], num_classes: int, data_cfg: dic
             RandShiftIntensityd("image", offsets=float(aug_cfg["intensity_shift"]), prob=aug_cfg["intensity_prob"],
                                 channel_wise=True),
         ]
+    # named options (finetune/config.py "augment"): noise, blur and gamma contrast; off unless their prob > 0
+    if aug_cfg.get("gamma_prob", 0) > 0:
+        # RandAdjustContrastd rescales to the input's own range around the gamma curve, so [-1, 1] stays [-1, 1]
+        steps.append(RandAdjustContrastd("image", prob=aug_cfg["gamma_prob"], gamma=tuple(aug_cfg["gamma"])))
+    if aug_cfg.get("smooth_prob", 0) > 0:
+        lo, hi = (float(v) for v in aug_cfg["smooth_sigma"])
+        steps.append(RandGaussianSmoothd("image", sigma_x=(lo, hi), sigma_y=(lo, hi), sigma_z=(lo, hi),
+                                         prob=aug_cfg["smooth_prob"]))
+    if aug_cfg.get("noise_prob", 0) > 0:
+        steps.append(RandGaussianNoised("image", prob=aug_cfg["noise_prob"], std=float(aug_cfg["noise_std"])))
     return Compose(steps)
 
 

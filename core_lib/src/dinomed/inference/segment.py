@@ -128,9 +128,14 @@ def model_spacing(image: sitk.Image, preprocessing: dict | None) -> np.ndarray |
     target, scale = pre.get("target_spacing"), float(pre.get("input_scale") or 1.0)
     old = np.asarray(image.GetSpacing(), dtype=float)
     if target:
-        spacing = np.asarray([float(s) for s in target])
+        # a null z (2D models) keeps the image's own slice spacing
+        try:
+            spacing = np.asarray([old[i] if (i == 2 and v is None) else float(v) for i, v in enumerate(target)])
+        except (TypeError, ValueError):
+            spacing = np.asarray([-1.0])
         if spacing.shape != (3,) or np.any(spacing <= 0):
-            raise DinomedError(f"model.json preprocessing.target_spacing must be three positive millimetre values [x, y, z], found {target}")
+            raise DinomedError(f"model.json preprocessing.target_spacing must be three positive millimetre values [x, y, z] "
+                               f"(z may be null), found {target}")
     else:
         spacing = old.copy()
     if scale <= 0:

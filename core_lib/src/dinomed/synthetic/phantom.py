@@ -161,6 +161,51 @@ class _Painter:
             self.organ[sl][mask] = label
 
 
+@dataclass(frozen=True)
+class Variety:
+    """The ranges a phantom's random draws come from (``make_phantom(variety=...)``).
+
+    ``standard`` is the generator as it has always been (same seed, same phantom). ``wide`` widens every range so
+    that a model trained on it learns anatomy and contrast rather than one generator's habits: body size and
+    shape, organ sizes and positions (also sideways), HU and SUV levels, CT and PET noise, in-plane spacing
+    0.7-4 mm and slice thickness 1-5 mm with the matrix following the field of view (``shape`` is then the
+    largest matrix; a fine spacing sees part of the body), 0-12 lesions of 4-45 mm, down to SUV 1.8 and 1.4x
+    their background.
+    """
+
+    name: str
+    width: tuple = (0.82, 1.15)
+    depth: tuple = (0.8, 1.3)
+    organ_scale: tuple = (0.85, 1.15)
+    spacing_xy: tuple | None = None      # (lo, hi) mm, drawn log-uniformly; None: from the field of view
+    slice_mm: tuple | None = None        # (lo, hi) mm; None: 0.6-1.5 x the in-plane spacing
+    length_mm: tuple = (150.0, 650.0)    # scan length when the matrix follows the spacing (wide)
+    fov_margin: tuple = (1.12, 1.45)     # in-plane field of view / body width
+    position_jitter: float = 1.0         # multiplies the organs' z jitter (mm)
+    organ_shift_mm: float = 0.0          # extra sideways/antero-posterior organ shifts (wide only)
+    hu_lung: tuple = (-880, -780)
+    hu_fat: tuple = (-115, -80)
+    suv_liver: tuple = (1.5, 2.8)
+    ct_noise_hu: tuple = (8, 35)
+    pet_counts: tuple = (40, 250)
+    lesions: tuple = (1, 9)              # integers(lo, hi): 1-8
+    lesion_mm: tuple = (8.0, 40.0)       # log-uniform; lung nodules from lesion_mm_lung
+    lesion_mm_lung: float = 6.0
+    node_mm: tuple = (5.0, 24.0)
+    lesion_contrast: tuple = (2.0, 6.0)  # x host background
+    lesion_suv_min: float = 2.5
+
+
+VARIETIES = {
+    "standard": Variety("standard"),
+    "wide": Variety("wide", width=(0.7, 1.35), depth=(0.65, 1.5), organ_scale=(0.7, 1.35), spacing_xy=(0.7, 4.0),
+                    slice_mm=(1.0, 5.0), fov_margin=(1.0, 1.5), position_jitter=2.5, organ_shift_mm=20.0,
+                    hu_lung=(-920, -700), hu_fat=(-130, -60), suv_liver=(1.0, 3.5), ct_noise_hu=(5, 60),
+                    pet_counts=(15, 400), lesions=(0, 13), lesion_mm=(4.0, 45.0), lesion_mm_lung=4.0,
+                    node_mm=(4.0, 30.0), lesion_contrast=(1.4, 8.0), lesion_suv_min=1.8),
+}
+
+
 def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
     angles = np.deg2rad(rng.uniform(-max_deg, max_deg, 3))
     cx, sx, cy, sy, cz, sz = (f(a) for a in angles for f in (np.cos, np.sin))
@@ -185,24 +230,39 @@ def make_phantom(
     oblique: bool = False,
     noise: bool = True,
     spacing: tuple[float, float, float] | None = None,
+    variety: str | Variety = "standard",
 ) -> Phantom:
     """Build the phantom of ``seed`` with a CT of ``shape`` (z, y, x) voxels.
 
     ``n_lesions`` defaults to 1-8 drawn from the seed (lesions only land in organs inside the field of view).
     ``oblique`` tilts both grids by a few degrees (each its own direction). ``spacing`` (x, y, z mm) fixes the
     CT spacing; otherwise it is drawn so that the body fills the field of view. ``noise=False`` gives the
-    noise-free CT and PET (the PET still blurred and resampled).
+    noise-free CT and PET (the PET still blurred and resampled). ``variety`` (:class:`Variety`, or the name of one
+    of :data:`VARIETIES`) sets the ranges of the draws; with ``wide`` and no ``spacing`` the spacing is drawn and
+    the matrix follows the field of view, up to ``shape``.
     """
     if len(shape) != 3 or min(shape) < 8:
         raise DinomedError(f"phantom shape must be three sizes (z, y, x) of at least 8 voxels, got {tuple(shape)}")
+    if isinstance(variety, str):
+        if variety not in VARIETIES:
+            raise DinomedError(f"phantom variety {variety!r}: expected one of {sorted(VARIETIES)}")
+        variety = VARIETIES[variety]
+    W = variety
     rng = np.random.default_rng(seed)
     nz, ny, nx = (int(s) for s in shape)
 
     # --- body habitus and the CT grid -------------------------------------------------------------
-    width_scale, depth_scale = rng.uniform(0.82, 1.15), rng.uniform(0.8, 1.3)
-    organ_scale = rng.uniform(0.85, 1.15)
-    if spacing is None:
-        sx = 2 * 175 * width_scale * rng.uniform(1.12, 1.45) / nx
+    width_scale, depth_scale = rng.uniform(*W.width), rng.uniform(*W.depth)
+    organ_scale = rng.uniform(*W.organ_scale)
+    if spacing is None and W.spacing_xy is not None:
+        # the spacing is drawn and the matrix follows the field of view (at most ``shape``)
+        sx = float(np.exp(rng.uniform(np.log(W.spacing_xy[0]), np.log(W.spacing_xy[1]))))
+        sz = float(rng.uniform(*W.slice_mm))
+        nx = ny = int(np.clip(round(2 * 175 * width_scale * rng.uniform(*W.fov_margin) / sx), 8, nx))
+        nz = int(np.clip(round(rng.uniform(*W.length_mm) / sz), 8, nz))
+        spacing = (sx, sx, sz)
+    elif spacing is None:
+        sx = 2 * 175 * width_scale * rng.uniform(*W.fov_margin) / nx
         sz = float(np.clip(rng.uniform(0.6, 1.5) * sx, 1.0, 5.0))
         spacing = (sx, sx, sz)
     sx, sy, sz = (float(s) for s in spacing)
@@ -229,7 +289,7 @@ def make_phantom(
     fat_mm = rng.uniform(6, 30) * depth_scale
     muscle_mm = rng.uniform(10, 22)
     body = inside(0.0)
-    hu_fat, hu_muscle, hu_soft = rng.uniform(-115, -80), rng.uniform(35, 60), rng.uniform(20, 45)
+    hu_fat, hu_muscle, hu_soft = rng.uniform(*W.hu_fat), rng.uniform(35, 60), rng.uniform(20, 45)
     suv_fat, suv_muscle, suv_soft = rng.uniform(0.15, 0.35), rng.uniform(0.5, 1.1), rng.uniform(0.5, 0.9)
     paint.ct[body] = 10.0  # skin
     paint.pet[body] = suv_muscle
@@ -266,11 +326,17 @@ def make_phantom(
         paint.ct[sl][~body[sl]] = rng.uniform(150, 400)
 
     s = organ_scale
-    side = lambda: rng.uniform(-1, 1)  # noqa: E731
+    side = lambda: rng.uniform(-1, 1) * W.position_jitter  # noqa: E731
+
+    def shift(c):  # wide: organs also move sideways and front to back
+        if not W.organ_shift_mm:
+            return c
+        dx, dy = rng.uniform(-1, 1, 2) * W.organ_shift_mm
+        return (c[0] + dx, c[1] + dy, c[2])
     V = LABEL_VALUES
 
     # --- lungs (before the organs that push into them) ----------------------------------------------
-    hu_lung, suv_lung = rng.uniform(-880, -780), rng.uniform(0.3, 0.6)
+    hu_lung, suv_lung = rng.uniform(*W.hu_lung), rng.uniform(0.3, 0.6)
     lung_z = 640 + 15 * side()
     for sign in (-1, 1):
         c = (sign * 0.48 * thorax_a, 0.08 * thorax_b, lung_z + (10 if sign < 0 else 0))
@@ -285,20 +351,21 @@ def make_phantom(
 
     # --- abdominal organs ---------------------------------------------------------------------------
     contrast = rng.random() < 0.5  # portal-venous contrast phase brightens liver, spleen, kidneys, vessels
-    liver_suv = rng.uniform(1.5, 2.8)
+    liver_suv = rng.uniform(*W.suv_liver)
     hu_liver = rng.uniform(85, 120) if contrast else rng.uniform(45, 65)
     liver_z = 470 + 20 * side()
     liver = dict(hu=hu_liver, suv=liver_suv, label=V["liver"])
-    paint.paint(canvas.ellipsoid((-0.45 * thorax_a, -0.02 * thorax_b, liver_z), (95 * s, 82 * s, 90 * s),
+    ldx, ldy, _ = shift((0.0, 0.0, 0.0))
+    paint.paint(canvas.ellipsoid((-0.45 * thorax_a + ldx, -0.02 * thorax_b + ldy, liver_z), (95 * s, 82 * s, 90 * s),
                                  rng.uniform(-0.25, 0.25)), **liver, within=cavity)
-    paint.paint(canvas.ellipsoid((-0.05 * thorax_a, -0.35 * thorax_b, liver_z + 20), (60 * s, 40 * s, 50 * s),
+    paint.paint(canvas.ellipsoid((-0.05 * thorax_a + ldx, -0.35 * thorax_b + ldy, liver_z + 20), (60 * s, 40 * s, 50 * s),
                                  rng.uniform(-0.3, 0.3)), **liver, within=cavity)
-    paint.paint(canvas.ellipsoid((0.6 * thorax_a, 0.3 * thorax_b, liver_z - 10 + 15 * side()),
+    paint.paint(canvas.ellipsoid(shift((0.6 * thorax_a, 0.3 * thorax_b, liver_z - 10 + 15 * side())),
                                  (35 * s, 55 * s * rng.uniform(0.8, 1.3), 55 * s), rng.uniform(-0.6, 0.0)),
                 hu=hu_liver - rng.uniform(0, 15), suv=liver_suv * rng.uniform(0.75, 0.95), label=V["spleen"], within=cavity)
     kidney_z = 320 + 20 * side()
     for sign in (-1, 1):
-        c = (sign * 0.42 * thorax_a, 0.5 * thorax_b, kidney_z + (12 if sign > 0 else -5))
+        c = shift((sign * 0.42 * thorax_a, 0.5 * thorax_b, kidney_z + (12 if sign > 0 else -5)))
         r = (30 * s, 25 * s, 55 * s)
         tilt = sign * rng.uniform(0.2, 0.5)
         paint.paint(canvas.ellipsoid(c, r, tilt), hu=rng.uniform(150, 200) if contrast else rng.uniform(30, 40),
@@ -306,13 +373,13 @@ def make_phantom(
         paint.paint(canvas.ellipsoid((c[0] - sign * 8, c[1] - 4, c[2]), (10 * s, 9 * s, 25 * s), tilt),
                     hu=rng.uniform(5, 20), suv=rng.uniform(5, 30), label=V["kidney"])  # renal pelvis, urine
     bladder_r = np.array([45, 35, 40]) * rng.uniform(0.6, 1.3)
-    paint.paint(canvas.ellipsoid((0, -0.25 * 112 * depth_scale, 70 + 10 * side()), bladder_r),
+    paint.paint(canvas.ellipsoid(shift((0, -0.25 * 112 * depth_scale, 70 + 10 * side())), bladder_r),
                 hu=rng.uniform(0, 15), suv=rng.uniform(5, 60), label=V["urinary_bladder"], within=cavity)
 
     # --- heart and great vessels --------------------------------------------------------------------
     blood_suv = rng.uniform(1.3, 2.3)
     hu_blood = rng.uniform(120, 250) if contrast else rng.uniform(35, 50)
-    heart_c = (0.18 * thorax_a, -0.3 * thorax_b, 610 + 20 * side())
+    heart_c = shift((0.18 * thorax_a, -0.3 * thorax_b, 610 + 20 * side()))
     heart_r = np.array([62, 50, 58]) * s
     heart_angle = rng.uniform(0.3, 0.8)
     paint.paint(canvas.ellipsoid(heart_c, heart_r, heart_angle), hu=rng.uniform(35, 50), suv=rng.uniform(1.0, 15.0),
@@ -389,7 +456,7 @@ def make_phantom(
     # --- lesions -------------------------------------------------------------------------------------
     lesion_ids = np.zeros(canvas.shape, np.uint16)
     lesions: list[tuple[str, tuple, float, float, float, bool]] = []
-    n_wanted = int(rng.integers(1, 9)) if n_lesions is None else int(n_lesions)
+    n_wanted = int(rng.integers(*W.lesions)) if n_lesions is None else int(n_lesions)
     node_stations = [  # (x, y, z) body mm: mediastinal, hilar, axillary, para-aortic, iliac, inguinal, cervical
         (0.12 * thorax_a, -0.05 * thorax_b, 630), (-0.1 * thorax_a, -0.1 * thorax_b, 600),
         (0.3 * thorax_a, 0.05 * thorax_b, 640), (-0.3 * thorax_a, 0.05 * thorax_b, 640),
@@ -408,7 +475,7 @@ def make_phantom(
         if kind == "node":
             st = node_stations[rng.integers(len(node_stations))]
             center = (st[0] + rng.uniform(-12, 12), st[1] + rng.uniform(-12, 12), st[2] + rng.uniform(-15, 15))
-            diameter = rng.uniform(5, 24)
+            diameter = rng.uniform(*W.node_mm)
         else:
             if kind == "soft_tissue":
                 candidates = np.flatnonzero((organ_vol.ravel()[::7] == 0) & cavity.ravel()[::7]) * 7
@@ -418,11 +485,13 @@ def make_phantom(
                 continue
             k, j, i = np.unravel_index(candidates[rng.integers(candidates.size)], canvas.shape)
             center = (float(x[i]), float(y[j]), float(z[k]))
-            diameter = float(np.exp(rng.uniform(np.log(6 if kind == "lung" else 8), np.log(40))))
+            diameter = float(np.exp(rng.uniform(np.log(W.lesion_mm_lung if kind == "lung" else W.lesion_mm[0]),
+                                                np.log(W.lesion_mm[1]))))
         if not (z[0] - diameter / 2 <= center[2] <= z[-1] + diameter / 2):
             continue
         host_bg = {"lung": suv_lung, "liver": liver_suv, "bone": suv_marrow}.get(kind, suv_soft)
-        suv = float(np.clip(max(host_bg * rng.uniform(2.0, 6.0), rng.uniform(2.5, 4.5)), 2.5, 25.0))
+        suv = float(np.clip(max(host_bg * rng.uniform(*W.lesion_contrast), rng.uniform(W.lesion_suv_min, 4.5)),
+                            W.lesion_suv_min, 25.0))
         hu = {"lung": rng.uniform(10, 50), "liver": hu_liver - rng.uniform(25, 60), "node": rng.uniform(25, 50),
               "soft_tissue": rng.uniform(25, 55), "bone": rng.choice([rng.uniform(30, 80), rng.uniform(500, 900)])}[kind]
         r0 = diameter / 2
@@ -484,7 +553,7 @@ def make_phantom(
     # --- CT noise: in-plane correlated, as filtered back-projection gives ------------------------------
     ct = paint.ct
     if noise:
-        sigma_hu, corr = rng.uniform(8, 35), rng.uniform(0.6, 1.3)
+        sigma_hu, corr = rng.uniform(*W.ct_noise_hu), rng.uniform(0.6, 1.3)
         white = rng.standard_normal(ct.shape, dtype=np.float32)
         colored = ndimage.gaussian_filter(white, sigma=(0, corr, corr), mode="wrap")
         colored *= sigma_hu / max(float(colored[:: max(1, nz // 8)].std()), 1e-6)
@@ -511,7 +580,7 @@ def make_phantom(
     pet = sitk.Resample(activity, pet_ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     if noise:
         suv = np.clip(sitk.GetArrayFromImage(pet), 0, None)
-        counts_per_suv = rng.uniform(40, 250) * float(np.prod(pet_spacing)) / 1000.0  # counts per SUV per voxel
+        counts_per_suv = rng.uniform(*W.pet_counts) * float(np.prod(pet_spacing)) / 1000.0  # counts per SUV per voxel
         noisy = rng.poisson(suv * counts_per_suv).astype(np.float32) / counts_per_suv
         noisy_image = sitk.GetImageFromArray(noisy)
         noisy_image.CopyInformation(pet)

@@ -118,9 +118,9 @@ def slice_embeddings(
 
     from ..backbones import extract_features
     from ..features import image_hash
+    from ..features.extract import arrays_on_reference
     from ..features.volume import geometry_of
-    from ..petct import resample_to_reference
-    from ..preprocess import check_pet_is_suv, normalize_channels
+    from ..preprocess import normalize_channels
 
     names = dict(names or {})
     inputs = {str(k).upper(): v for k, v in inputs.items()}
@@ -152,16 +152,7 @@ def slice_embeddings(
             log.warning("ignoring a damaged slice-embedding cache entry %s: %s", entry, exc)
 
     ref_image = inputs[reference]
-    volumes = {}
-    for modality in needed:
-        image = inputs[modality]
-        if modality != reference:
-            image = resample_to_reference(image, ref_image, "linear", 0.0, names.get(modality, modality),
-                                          names.get(reference, reference))
-        array = sitk.GetArrayViewFromImage(image)
-        if modality == "PET":
-            check_pet_is_suv(array, names.get(modality, "PET"))
-        volumes[modality] = array
+    volumes = arrays_on_reference(inputs, needed, reference, names)
     depth = ref_image.GetSize()[2]
     from ..runtime import resolve_device  # (torch is imported lazily here)
 

@@ -260,7 +260,6 @@ def compute_features(
 
     from ..backbones import extract_features
     from ..io import check_volume
-    from ..petct import resample_to_reference
 
     names = dict(names or {})
     needed = extractor.modalities
@@ -308,16 +307,7 @@ def compute_features(
             log.warning("ignoring a damaged feature cache entry: %s", exc)
 
     # ---- compute -------------------------------------------------------------------------------------
-    volumes: dict[str, np.ndarray] = {}
-    for modality in needed:
-        image = inputs[modality]
-        if modality != reference:
-            image = resample_to_reference(image, ref_image, "linear", 0.0, names.get(modality, modality),
-                                          names.get(reference, reference))
-        array = sitk.GetArrayViewFromImage(image)
-        if modality == "PET":
-            check_pet_is_suv(array, names.get(modality, "PET"))
-        volumes[modality] = array
+    volumes = arrays_on_reference(inputs, needed, reference, names)
     image_geometry = geometry_of(ref_image)
     width, height, depth = image_geometry["size"]
     grid = feature_grid_geometry(image_geometry, patch_size)
@@ -376,3 +366,23 @@ def compute_features(
             if events is not None:
                 events.artifact("features", str(cache_file))
     return volume
+
+
+def arrays_on_reference(inputs: Mapping[str, sitk.Image], needed, reference: str,
+                        names: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """Each needed modality's voxels on the reference image's grid (linear resampling; a PET checked for SUV),
+    as (z, y, x) array views; ``names`` name the inputs in error messages."""
+    ref_image = inputs[reference]
+    volumes: dict[str, np.ndarray] = {}
+    for modality in needed:
+        image = inputs[modality]
+        if modality != reference:
+            from ..petct import resample_to_reference  # (imported lazily, as the caller does)
+
+            image = resample_to_reference(image, ref_image, "linear", 0.0, names.get(modality, modality),
+                                          names.get(reference, reference))
+        array = sitk.GetArrayViewFromImage(image)
+        if modality == "PET":
+            check_pet_is_suv(array, names.get(modality, "PET"))
+        volumes[modality] = array
+    return volumes

@@ -371,17 +371,21 @@ def compute_features(
 def arrays_on_reference(inputs: Mapping[str, sitk.Image], needed, reference: str,
                         names: Mapping[str, str]) -> dict[str, np.ndarray]:
     """Each needed modality's voxels on the reference image's grid (linear resampling; a PET checked for SUV),
-    as (z, y, x) array views; ``names`` name the inputs in error messages."""
+    as (z, y, x) arrays: views of the given images, copies of the resampled ones; ``names`` name the inputs in
+    error messages."""
     ref_image = inputs[reference]
     volumes: dict[str, np.ndarray] = {}
     for modality in needed:
         image = inputs[modality]
-        if modality != reference:
+        if modality == reference:
+            array = sitk.GetArrayViewFromImage(image)  # valid while the caller holds ``inputs``
+        else:
             from ..petct import resample_to_reference  # (imported lazily, as the caller does)
 
-            image = resample_to_reference(image, ref_image, "linear", 0.0, names.get(modality, modality),
-                                          names.get(reference, reference))
-        array = sitk.GetArrayViewFromImage(image)
+            resampled = resample_to_reference(image, ref_image, "linear", 0.0, names.get(modality, modality),
+                                              names.get(reference, reference))
+            # a copy: a view would point into the resampled image's buffer, freed when this function returns
+            array = sitk.GetArrayFromImage(resampled)
         if modality == "PET":
             check_pet_is_suv(array, names.get(modality, "PET"))
         volumes[modality] = array

@@ -34,7 +34,9 @@ def yaml_problem(exc: Exception) -> str:
 
 def read_json_object(path: str | Path, error: type[DinomedError] = DinomedError, missing: str = "no such file") -> dict:
     """The JSON object in ``path`` (model.json, dataset.json, a feature cache entry), or ``error`` naming the file:
-    ``missing`` when it does not exist, otherwise what was wrong with it (not JSON, not an object)."""
+    ``missing`` when it does not exist, otherwise what was wrong with it (not JSON, not an object).
+    DINOSegLib.features.read_feature_cache repeats this for the feature cache on purpose (it does not import
+    dinomed)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

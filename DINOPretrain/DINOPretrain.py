@@ -7,7 +7,7 @@ plan of child processes over DINOSeg's job runner, live curves as table and plot
 of a run found on disk, evaluation and registration in DINOSeg.
 """
 import os
-from typing import Annotated, Optional
+from typing import Annotated
 
 import ctk
 import qt
@@ -15,18 +15,13 @@ import slicer
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
-from slicer.util import VTKObservationMixin
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest
 
 from DINOPretrainLib import (CONFIG_FILE, ConsoleError, OptionsError, RunFolderError, TrainingConsole,
                              TrainingOptions, family_stages, list_recipes, parse_overrides, path_or_none)
 from DINOPretrainLib.console import STOP_GRACE_S
 from DINOSegLib import dependencies, docs, models
+from DINOSegLib.module_widget import ParameterNodeWidget
 
 
 class DINOPretrain(ScriptedLoadableModule):
@@ -68,13 +63,9 @@ PARAMETERS = ("mode", "length", "batchSize", "learningRate", "imageSize", "overr
               "lastStage", "exportBackbone")
 
 
-class DINOPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class DINOPretrainWidget(ParameterNodeWidget):
     def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
+        ParameterNodeWidget.__init__(self, parent)
         self._savedParameters = None
         self._recipes = None
         self._shownChart = None
@@ -84,15 +75,7 @@ class DINOPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- setup ----------------------------------------------------------------------------------------
     def setup(self) -> None:
-        ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DINOPretrain.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = DINOPretrainModuleLogic()
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.loadModuleUi("UI/DINOPretrain.ui", DINOPretrainModuleLogic())
 
         self.ui.modeSelector.connect("currentIndexChanged(int)", self.onModeChanged)
         self.ui.recipeComboBox.connect("currentIndexChanged(int)", self.onRecipeChanged)
@@ -133,11 +116,6 @@ class DINOPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._recipes is None:
             self._loadRecipes()
 
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-
     def onSceneStartClose(self, caller, event) -> None:
         # Close Scene removes the parameter node and the curves: keep the options, let a running job go on
         if self._parameterNode:
@@ -146,24 +124,13 @@ class DINOPretrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.console.scene_closed()
         self._shownChart = None
 
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
+        ParameterNodeWidget.initializeParameterNode(self)
         if self._savedParameters:
             for name, value in self._savedParameters.items():
                 setattr(self._parameterNode, name, value)
             self._savedParameters = None
         self._updateState()
-
-    def setParameterNode(self, inputParameterNode: Optional[DINOPretrainParameterNode]) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
 
     # -- recipes ---------------------------------------------------------------------------------------
     def _loadRecipes(self) -> None:

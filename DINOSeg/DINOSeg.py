@@ -12,23 +12,17 @@ from typing import Annotated, Optional
 import ctk
 import qt
 import slicer
-import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import (Choice, GuiConnector, WithinRange, parameterNodeGuiConnector,
                                          parameterNodeWrapper, unannotatedType)
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
-from slicer.util import VTKObservationMixin
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest
 
 from DINOSegLib import DINOSegLogic, InputRemovedError, JobState, read_model_info
 from DINOSegLib import dependencies, display, docs, features, lesions, models, training_set
 from DINOSegLib.models import BUNDLED_MODELS_DIR, SAMPLE_DATA_DIR
+from DINOSegLib.module_widget import ParameterNodeWidget
 
 MODELS_DIRECTORY_SETTING = "DINOSeg/ModelsDirectory"
 
@@ -162,13 +156,9 @@ def slicerSettingsDirectory() -> pathlib.Path:
     return pathlib.Path(slicer.app.slicerUserSettingsFilePath).parent
 
 
-class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class DINOSegWidget(ParameterNodeWidget):
     def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
+        ParameterNodeWidget.__init__(self, parent)
         self._task = None  # the running Lib task (SegmentationJob, FeaturesJob, SuvJob); its .job is a Job
         self._stage = ""
         self._onJobSuccess = None
@@ -186,18 +176,10 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- setup ----------------------------------------------------------------------------------------
     def setup(self) -> None:
-        ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DINOSeg.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.loadModuleUi("UI/DINOSeg.ui", DINOSegModuleLogic())
         # a folder chooser (set here, not in the .ui: the .ui smoke test's placeholders cannot read flag sets)
         self.ui.datasetPathLineEdit.filters = (ctk.ctkPathLineEdit.Dirs | ctk.ctkPathLineEdit.Drives
                                                | ctk.ctkPathLineEdit.Readable)
-        self.logic = DINOSegModuleLogic()
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.loadPetCtButton.connect("clicked(bool)", self.onLoadPetCt)
         self.ui.petOpacitySlider.connect("valueChanged(double)", self.onPetOpacityChanged)
@@ -241,12 +223,6 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         self.refreshModels()
 
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-
     def onSceneStartClose(self, caller, event) -> None:
         # the job's inputs are about to go: end it (its on_finish sees CANCELLED and touches no node)
         if self._task is not None:
@@ -258,12 +234,8 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._featureGrids.clear()
         self.setParameterNode(None)
 
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
+        ParameterNodeWidget.initializeParameterNode(self)
         if not self._parameterNode.ctVolume:
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first:
@@ -272,15 +244,8 @@ class DINOSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             saved = qt.QSettings().value(MODELS_DIRECTORY_SETTING)
             self._parameterNode.modelsDirectory = models.resolve_models_dir(saved, slicerSettingsDirectory())
 
-    def setParameterNode(self, inputParameterNode: Optional[DINOSegParameterNode]) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-            self._updateButtons()
+    def onParameterNodeModified(self, caller=None, event=None) -> None:
+        self._updateButtons()
 
     def _updateButtons(self, caller=None, event=None) -> None:
         p = self._parameterNode

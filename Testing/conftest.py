@@ -34,6 +34,23 @@ def scene():
 
 
 @pytest.fixture
+def refuses_missing_and_unreadable(tmp_path):
+    """``check(read, error, bad_name, bad_text)``: ``read`` of a missing file and of a file ``bad_name`` holding
+    ``bad_text`` each raise ``error`` naming the file; returns the bad file's path."""
+
+    def check(read, error, bad_name: str, bad_text: str):
+        with pytest.raises(error, match="does not exist"):
+            read(tmp_path / f"missing{Path(bad_name).suffix}")
+        bad = tmp_path / bad_name
+        bad.write_text(bad_text)
+        with pytest.raises(error, match=bad_name):
+            read(bad)
+        return bad
+
+    return check
+
+
+@pytest.fixture
 def dinomed_python() -> str:
     """The interpreter that runs ``python -m dinomed`` in these tests: the project's venv."""
     return sys.executable

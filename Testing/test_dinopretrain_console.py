@@ -37,6 +37,14 @@ def recipe(recipes, name) -> Recipe:
     return next(r for r in recipes if r.name == name)
 
 
+def ct_volumes(dataset: Path, folder: Path, count: int) -> Path:
+    """A folder of unlabeled CT volumes for pretraining: the first ``count`` CT images of the dataset."""
+    folder.mkdir(exist_ok=True)
+    for image in sorted((dataset / "imagesTr").glob("*_0000.nii.gz"))[:count]:
+        shutil.copyfile(image, folder / image.name)
+    return folder
+
+
 # --- options ---------------------------------------------------------------------------------------------
 
 
@@ -139,8 +147,7 @@ def test_bad_data_shows_the_cli_error(scene, recipes, dataset, tmp_path):
     # "a config file…": a YAML of one's own, checked against a folder of CT volumes
     own = tmp_path / "my_stage1.yaml"
     own.write_text(Path(recipe(recipes, "tiny_test").path).read_text())
-    for image in sorted((dataset / "imagesTr").glob("*_0000.nii.gz"))[:2]:
-        shutil.copyfile(image, empty / image.name)
+    ct_volumes(dataset, empty, 2)
     console.check_data("pretrain", str(own), empty)
     assert console.wait(timeout=120) == "finished", console.error
     assert console.data_report.summary["volumes"] == 2 and console.data_report.summary["modality"] == "CT"
@@ -216,10 +223,7 @@ def test_finetune_stop_new_session_resume_evaluate_register(scene, recipes, data
 def test_pretraining_chains_three_stages_and_exports(scene, recipes, dataset, tmp_path):
     import torch
 
-    volumes = tmp_path / "volumes"
-    volumes.mkdir()
-    for image in sorted((dataset / "imagesTr").glob("*_0000.nii.gz"))[:3]:
-        shutil.copyfile(image, volumes / image.name)
+    volumes = ct_volumes(dataset, tmp_path / "volumes", 3)
     out = tmp_path / "pretrain"
     options = TrainingOptions(length=1, batch_size=4, device="cpu",
                               extra=f'train.epoch_length=2 checkpointing.period=2 train.dead_start_check=1 "{DEAD_START}"')
@@ -245,10 +249,7 @@ def test_pretraining_chains_three_stages_and_exports(scene, recipes, dataset, tm
 def test_pretraining_stops_after_stage_one_and_continues_later(scene, recipes, dataset, tmp_path):
     import slicer
 
-    volumes = tmp_path / "volumes"
-    volumes.mkdir()
-    for image in sorted((dataset / "imagesTr").glob("*_0000.nii.gz"))[:2]:
-        shutil.copyfile(image, volumes / image.name)
+    volumes = ct_volumes(dataset, tmp_path / "volumes", 2)
     out = tmp_path / "pretrain"
     options = TrainingOptions(length=1, batch_size=2, device="cpu", extra="train.epoch_length=2 checkpointing.period=2")
     console = TrainingConsole(scene)

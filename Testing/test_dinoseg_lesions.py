@@ -58,13 +58,9 @@ def test_row_centroid_is_ras_and_slices_jump_there(scene, tmp_path):
         lesions.lesion_centroid_ras(node, 5)
 
 
-def test_bad_csv_names_the_file(scene, tmp_path):
-    with pytest.raises(lesions.LesionTableError, match="does not exist"):
-        lesions.lesion_table_node(scene, tmp_path / "missing.csv")
-    empty = tmp_path / "empty.csv"
-    empty.write_text("")
-    with pytest.raises(lesions.LesionTableError, match="empty.csv"):
-        lesions.lesion_table_node(scene, empty)
+def test_bad_csv_names_the_file(scene, tmp_path, refuses_missing_and_unreadable):
+    refuses_missing_and_unreadable(lambda path: lesions.lesion_table_node(scene, path), lesions.LesionTableError,
+                                   "empty.csv", "")
     node = lesions.lesion_table_node(scene, write_csv(tmp_path / "nocentroid.csv", COLUMNS[:8], [r[:8] for r in ROWS]))
     with pytest.raises(lesions.LesionTableError, match="centroid"):
         lesions.lesion_centroid_ras(node, 0)

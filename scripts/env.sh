@@ -5,6 +5,7 @@
 # Override the location with DINOSEG_VENV=/path.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# (scripts/web_env.sh repeats these cached-venv steps for the web front-end's separate venv, on purpose)
 key=$(cat "$root/constraints.txt" "$root/core_lib/pyproject.toml" | sha256sum | cut -c1-12)
 venv=${DINOSEG_VENV:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/dinoseg/venv-$key}
 py=${PYTHON:-python3}

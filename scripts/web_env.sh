@@ -25,6 +25,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
 fi
 
+# the cached-venv steps of scripts/env.sh, copied on purpose: a second venv with other pins (slicer-core 5.11 for
+# trame-slicer), and each script stays runnable on its own from a fresh clone
 key=$(cat "$root/web/requirements.txt" "$root/web/constraints.txt" | sha256sum | cut -c1-12)
 venv=${DINOSEG_WEB_VENV:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/dinoseg/web-venv-$key}
 py=${PYTHON:-python3}

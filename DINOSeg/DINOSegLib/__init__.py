@@ -7,10 +7,9 @@ from .events import Progress, parse_event
 from .jobs import Job, JobError, JobState
 from .logic import DINOSegError, DINOSegLogic, FeaturesJob, InputRemovedError, SegmentationJob, SegmentationResult, SuvJob
 from .models import BUNDLED_MODELS_DIR, LabelInfo, ModelInfo, add_model_folder, list_model_folders, read_model_info
-from .process import DinomedProcess, DinomedProcessError
 
 __all__ = [
-    "BUNDLED_MODELS_DIR", "DINOSegError", "DINOSegLogic", "DinomedProcess", "DinomedProcessError", "FeaturesJob",
+    "BUNDLED_MODELS_DIR", "DINOSegError", "DINOSegLogic", "FeaturesJob",
     "InputRemovedError", "Job", "JobError", "JobState", "LabelInfo", "ModelInfo", "Progress", "SegmentationJob",
     "SegmentationResult", "SuvJob", "add_model_folder", "list_model_folders", "parse_event", "read_model_info",
 ]

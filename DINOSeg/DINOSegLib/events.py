@@ -3,7 +3,7 @@
 A copy of ``dinomed.events.parse_event`` (core_lib/src/dinomed/events.py) rather than an import: this Lib runs
 inside Slicer's Python, where ``dinomed`` is installed only on first use (DINOSegLib.dependencies) and may
 be missing or of another version when the module loads. The protocol is a few lines and frozen in
-docs/CONTRACTS.md; Testing/test_events.py checks that both parsers agree on real ``dinomed`` output.
+docs/CONTRACTS.md; Testing/test_dinoseg_events.py checks that both parsers agree on real ``dinomed`` output.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 EVENT_KINDS = ("progress", "metric", "artifact", "log", "error", "done")
 
 
+# a deliberate copy of core_lib/src/dinomed/events.py:parse_event (see the top of this file)
 def parse_event(line: str) -> dict | None:
     """Parse one line of a child's stdout; None for a line that is not an event (e.g. a stray print)."""
     line = line.strip()

@@ -137,7 +137,12 @@ def read_feature_cache(path: str | os.PathLike, image_node=None) -> FeatureGrid:
 
     ``path`` is the entry's JSON (the ``features`` artifact of the child) or a cache folder holding exactly
     one entry. With ``image_node`` the entry must describe that volume's grid (same size, origin, spacing,
-    direction), so a stale cache is never shown over another image."""
+    direction), so a stale cache is never shown over another image.
+
+    Deliberately a copy of the checks of ``dinomed.features.volume.FeatureVolume.load`` (its JSON part is
+    ``dinomed.errors.read_json_object``): this Lib runs in
+    Slicer's Python, which need not have ``dinomed`` (see events.py); Testing/test_dinoseg_features.py reads
+    entries that real ``dinomed features`` children wrote."""
     import json
 
     path = Path(path)

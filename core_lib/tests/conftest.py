@@ -34,3 +34,21 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"real data folder not found at {path}")
     return path
+
+
+@pytest.fixture
+def set_first_label_voxel():
+    """``set(path, value)``: write ``value`` into voxel (0, 0, 0) of the label map file ``path``, on its own grid
+    (e.g. a label value that dataset.json does not name); returns the label array as written."""
+    import SimpleITK as sitk
+
+    def set_voxel(path: Path, value: int) -> np.ndarray:
+        label = sitk.ReadImage(str(path))
+        array = sitk.GetArrayFromImage(label)
+        array[0, 0, 0] = value
+        changed = sitk.GetImageFromArray(array)
+        changed.CopyInformation(label)
+        sitk.WriteImage(changed, str(path))
+        return array
+
+    return set_voxel

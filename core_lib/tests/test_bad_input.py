@@ -1,4 +1,4 @@
-"""The bad-input table: every kind of bad or suspicious input a careful user or QA engineer tried (issue 14),
+"""The bad-input table: every kind of bad or suspicious input a careful user or QA engineer tried,
 run through ``dinomed.cli.main`` in-process.
 
 Each row: the command line, the exit status expected, words the message must hold, and for a warning the

@@ -374,3 +374,26 @@ def test_cli_with_a_model_folder_and_clear_errors(tmp_path, phantom, capsys):
     assert "--random-init" in capsys.readouterr().err
     assert main(["features", "--image", str(tmp_path / "missing.nii.gz"), "--arch", "vit_tiny", "--random-init"]) == 2
     assert "missing.nii.gz" in capsys.readouterr().err
+
+
+def test_arrays_on_reference_outlive_the_resampled_images():
+    """A resampled PET's voxels stay valid once the helper returned: a view into the temporary resampled image
+    read freed memory (the web app's features job failed on it, the command line happened to survive)."""
+    import gc
+
+    from dinomed.features.extract import arrays_on_reference
+    from dinomed.petct import resample_to_reference
+
+    ct = sitk.Image([32, 32, 16], sitk.sitkFloat32)
+    ct.SetSpacing((2.0, 2.0, 3.0))
+    pet_array = np.linspace(0.0, 10.0, 16 * 16 * 8, dtype=np.float32).reshape(8, 16, 16)  # SUV
+    pet = sitk.GetImageFromArray(pet_array)
+    pet.SetSpacing((4.0, 4.0, 6.0))
+    pet.SetOrigin((1.0, -1.0, 2.0))
+    expected = sitk.GetArrayFromImage(resample_to_reference(pet, ct, "linear", 0.0))
+    volumes = arrays_on_reference({"CT": ct, "PET": pet}, ["CT", "PET"], "CT", {})
+    gc.collect()
+    reuse = [sitk.Image([32, 32, 16], sitk.sitkFloat32) + 12345.0 for _ in range(32)]  # reuse any freed buffer
+    assert len(reuse) == 32 and expected.max() > 5.0
+    np.testing.assert_array_equal(volumes["PET"], expected)
+    assert volumes["CT"].shape == expected.shape == (16, 32, 32)

@@ -136,19 +136,13 @@ def test_label_geometry_mismatch_names_the_case(dataset, tmp_path):
     _expect_refused(tiny(*QUICK), data, tmp_path / "out", r"case case_0003: the label map .* not on the grid .*origin")
 
 
-def test_unnamed_label_value_names_the_case(dataset, tmp_path):
+def test_unnamed_label_value_names_the_case(dataset, tmp_path, set_first_label_voxel):
     cfg = tiny(*QUICK, "labels=[lesion, liver]", "background_labels=[spleen, lung, heart, urinary_bladder, bone, brain]")
     # kidney (4) is in the phantoms but neither learned nor folded into background
     with pytest.raises(DatasetError, match=r"case case_\d+ .*label value\(s\) 4 \(kidney, not among"):
         finetune(cfg, dataset, tmp_path / "out")
     data = copy_dataset(dataset, tmp_path / "data")
-    path = data / "labelsTr" / "case_0004.nii.gz"
-    label = sitk.ReadImage(str(path))
-    arr = sitk.GetArrayFromImage(label)
-    arr[0, 0, 0] = 42
-    bad = sitk.GetImageFromArray(arr)
-    bad.CopyInformation(label)
-    sitk.WriteImage(bad, str(path))
+    set_first_label_voxel(data / "labelsTr" / "case_0004.nii.gz", 42)
     _expect_refused(tiny(*QUICK), data, tmp_path / "out", r"case case_0004 .*42 \(not in dataset.json labels\)")
 
 

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -151,7 +150,7 @@ def test_two_ranks_stop_together(ct_folder, tmp_path):
     assert json.loads((out / "status.json").read_text())["step"] == state["iteration"]
 
 
-def test_check_data_finetune_and_pretrain(dataset, ct_folder, tmp_path, capsys):
+def test_check_data_finetune_and_pretrain(dataset, ct_folder, tmp_path, capsys, set_first_label_voxel):
     assert main(["check-data", "finetune", "tiny_meddinov3", "--data", str(dataset), "--events"]) == 0
     done = [parse_event(line) for line in capsys.readouterr().out.splitlines()][-1]
     assert done["event"] == "done" and done["cases"] == 4 and done["modality"] == ["CT", "PET"]
@@ -170,12 +169,7 @@ def test_check_data_finetune_and_pretrain(dataset, ct_folder, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(dataset, bad)
     label_path = sorted((bad / "labelsTr").iterdir())[0]
-    label = sitk.ReadImage(str(label_path))
-    array = sitk.GetArrayFromImage(label)
-    array[0, 0, 0] = 77
-    fixed = sitk.GetImageFromArray(array)
-    fixed.CopyInformation(label)
-    sitk.WriteImage(fixed, str(label_path))
+    array = set_first_label_voxel(label_path, 77)
     assert main(["check-data", "finetune", "tiny_meddinov3", "--data", str(bad)]) == 2
     check_err = capsys.readouterr().err.strip()
     assert check_err.startswith("dinomed check-data: error: case ") and "77 (not in dataset.json labels)" in check_err

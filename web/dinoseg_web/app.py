@@ -110,6 +110,16 @@ def colour_bar_css(scene, color_node_id: str, steps: int = 12) -> str:
     return "linear-gradient(to right, " + ", ".join(stops) + ")"
 
 
+def colour_bar(element_id: str, shown_when: str, gradient: str, labels: tuple[str, str, str]):
+    """A colour bar under the overlay slider: the ``gradient`` state variable's CSS over three captions (low end,
+    what the colours mean, high end), shown while the JavaScript condition ``shown_when`` holds."""
+    with html.Div(v_if=(shown_when,), id=element_id):
+        html.Div(style=(f"{{background: {gradient}, height: '12px', borderRadius: '2px'}}",))
+        with html.Div(style="display:flex; justify-content: space-between;", classes="text-caption"):
+            for label in labels:
+                html.Span(label)
+
+
 def _marked(populate_view_ui):
     """trame-slicer's view gutter plus a hidden marker naming the view (Red = axial, Yellow = sagittal, Green =
     coronal, the 3D view), so that a page script or a test finds a view's <img> without relying on the layout."""
@@ -274,20 +284,10 @@ class DINOSegWebApp(TrameApp):
                     with html.Div(v_if=("case_loaded",), classes="mt-2"):
                         VSlider(label="Overlay", v_model=("pet_opacity",), min=0, max=1, step=0.05,
                                 density="compact", hide_details=True, id="pet-opacity")
-                        with html.Div(v_if=("overlay === 'PET' && pet_loaded",), id="suv-colour-bar"):
-                            html.Div(style=("{background: suv_bar, height: '12px', borderRadius: '2px'}",))
-                            with html.Div(style="display:flex; justify-content: space-between;",
-                                          classes="text-caption"):
-                                html.Span("0")
-                                html.Span("PET fused over CT: SUV (g/ml)")
-                                html.Span("{{ suv_max }}")
-                        with html.Div(v_if=("overlay === 'Cosine similarity'",), id="cosine-colour-bar"):
-                            html.Div(style=("{background: cosine_bar, height: '12px', borderRadius: '2px'}",))
-                            with html.Div(style="display:flex; justify-content: space-between;",
-                                          classes="text-caption"):
-                                html.Span("-1")
-                                html.Span("cosine similarity to the point (< 0 hidden)")
-                                html.Span("1")
+                        colour_bar("suv-colour-bar", "overlay === 'PET' && pet_loaded", "suv_bar",
+                                   ("0", "PET fused over CT: SUV (g/ml)", "{{ suv_max }}"))
+                        colour_bar("cosine-colour-bar", "overlay === 'Cosine similarity'", "cosine_bar",
+                                   ("-1", "cosine similarity to the point (< 0 hidden)", "1"))
                         html.Div("PCA map: the features' first three principal components as RGB",
                                  v_if=("overlay.startsWith('PCA')",), classes="text-caption")
             VDivider()

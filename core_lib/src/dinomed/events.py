@@ -100,6 +100,8 @@ class EventWriter:
         self.emit("done", **extra)
 
 
+# DINOSeg/DINOSegLib/events.py holds a deliberate copy of parse_event (Slicer's Python may not have dinomed when
+# the module loads); change both together (Testing/test_dinoseg_events.py checks that they agree).
 def parse_event(line: str) -> dict | None:
     """Parse one line of a child's stdout; None for a line that is not an event (e.g. a stray print)."""
     line = line.strip()

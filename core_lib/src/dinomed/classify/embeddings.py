@@ -23,7 +23,6 @@ block, modalities, normalisation, resize, per-case source files).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -117,10 +116,8 @@ def slice_embeddings(
     import torch.nn.functional as F
 
     from ..backbones import extract_features
-    from ..features import image_hash
-    from ..features.volume import geometry_of
-    from ..petct import resample_to_reference
-    from ..preprocess import check_pet_is_suv, normalize_channels
+    from ..features.extract import arrays_on_reference, encoder_cache_key
+    from ..preprocess import normalize_channels
 
     names = dict(names or {})
     inputs = {str(k).upper(): v for k, v in inputs.items()}
@@ -130,16 +127,7 @@ def slice_embeddings(
         raise InputImageError(f"the encoder reads {needed} but no {', '.join(missing)} image was given (found {sorted(inputs)})")
     reference = "CT" if "CT" in needed else needed[0]
     layer = extractor.resolved_layer(layer)
-    key_fields = {
-        "format": EMBEDDINGS_FORMAT,
-        "reference_grid": geometry_of(inputs[reference]),
-        "images": {m: image_hash(inputs[m]) for m in sorted(set(needed))},
-        "weights": extractor.weights_hash(),
-        "layer": layer,
-        "streams": [{"name": s.name, "channels": s.channels} for s in extractor.streams],
-        "resize": resize,
-    }
-    key = hashlib.blake2b(json.dumps(key_fields, sort_keys=True).encode(), digest_size=16).hexdigest()
+    key, key_fields = encoder_cache_key(EMBEDDINGS_FORMAT, extractor, inputs, reference, layer, resize=resize)
     entry = Path(cache_dir) / f"{key}.json" if cache_dir is not None else None
     if entry is not None and entry.is_file():
         try:
@@ -152,16 +140,7 @@ def slice_embeddings(
             log.warning("ignoring a damaged slice-embedding cache entry %s: %s", entry, exc)
 
     ref_image = inputs[reference]
-    volumes = {}
-    for modality in needed:
-        image = inputs[modality]
-        if modality != reference:
-            image = resample_to_reference(image, ref_image, "linear", 0.0, names.get(modality, modality),
-                                          names.get(reference, reference))
-        array = sitk.GetArrayViewFromImage(image)
-        if modality == "PET":
-            check_pet_is_suv(array, names.get(modality, "PET"))
-        volumes[modality] = array
+    volumes = arrays_on_reference(inputs, needed, reference, names)
     depth = ref_image.GetSize()[2]
     from ..runtime import resolve_device  # (torch is imported lazily here)
 
@@ -303,15 +282,12 @@ def extract_feature_set(
     cases: Mapping[str, Mapping[str, str | Path]],
     extractor,
     *,
-    layer: int = -1,
-    resize: int | None = None,
-    batch_size: int = 16,
-    device: str | None = "auto",
-    cache_dir: str | Path | None = None,
     events=None,
     source_meta: dict | None = None,
+    **embedding_options,
 ) -> FeatureSet:
-    """Slice embeddings of every case (``case id -> {modality: image path}``), in the order given."""
+    """Slice embeddings of every case (``case id -> {modality: image path}``), in the order given;
+    ``embedding_options`` are :func:`slice_embeddings`' keywords (layer, resize, batch_size, device, cache_dir)."""
     ids = list(cases)
     depths = {}
     images = {}
@@ -329,11 +305,11 @@ def extract_feature_set(
             events.progress(done, total, "slices")
 
     cls_rows, patch_rows, offsets = [], [], [0]
-    resolved = extractor.resolved_layer(layer)
+    resolved = extractor.resolved_layer(embedding_options.pop("layer", -1))
+    resize = embedding_options.get("resize")
     for case in ids:
-        emb = slice_embeddings(images.pop(case), extractor, layer=resolved, resize=resize, batch_size=batch_size,
-                               device=device, cache_dir=cache_dir,
-                               names={m: str(p) for m, p in cases[case].items()}, on_batch=tick)
+        emb = slice_embeddings(images.pop(case), extractor, layer=resolved, on_batch=tick,
+                               names={m: str(p) for m, p in cases[case].items()}, **embedding_options)
         cls_rows.append(emb["cls"])
         patch_rows.append(emb["patch"])
         offsets.append(offsets[-1] + emb["cls"].shape[0])

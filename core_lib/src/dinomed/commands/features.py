@@ -84,23 +84,15 @@ def _vector_write(image, path):
     return path
 
 
-def run(args) -> int:
-    import torch
+def _check_arguments(args) -> None:
+    """The option combinations that make no sense, and outputs that cannot be written or would overwrite an input,
+    refused before anything is read."""
+    from pathlib import Path
 
     from ..errors import DinomedError
-    from ..events import EventWriter
-    from ..features import (
-        FeatureExtractor,
-        compute_features,
-        cosine_map,
-        default_cache_dir,
-        pca_rgb,
-        save_feature_figures,
-    )
-    from ..io import read_image, write_image
-    from ..petct import resample_to_reference
+    from ..io import IMAGE_SUFFIXES
+    from ..safety import check_writable, refuse_output_over_input
 
-    events = EventWriter(enabled=args.events)
     if args.cosine is not None and not (args.cosine_out or args.png):
         raise DinomedError("--cosine needs --cosine-out OUT (the similarity volume) or --png DIR (the figures)")
     if args.cosine_out and args.cosine is None:
@@ -115,25 +107,26 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise DinomedError(f"--batch-size must be at least 1, found {args.batch_size}")
 
-    from ..io import IMAGE_SUFFIXES
-    from ..safety import check_writable, refuse_output_over_input
-
     writable = tuple(x for x in IMAGE_SUFFIXES if x not in (".nhdr", ".mhd"))
     if args.pca:
         check_writable(args.pca, "PCA map", writable)
     if args.cosine_out:
         check_writable(args.cosine_out, "cosine map", writable)
     if args.png:
-        check_writable(__import__("pathlib").Path(args.png) / "features_panel.png", "PNG figures")
+        check_writable(Path(args.png) / "features_panel.png", "PNG figures")
     refuse_output_over_input([("--pca", args.pca), ("--cosine-out", args.cosine_out)],
                              [("--image", args.image), ("--pet", args.pet), ("--mask", args.mask),
                               ("--backbone", args.backbone)])
-    image = read_image(args.image)
-    pet = read_image(args.pet) if args.pet else None
-    image_modality = "CT" if pet is not None else ("PET" if args.modality == "PET" else "CT")
 
-    # ---- the encoder(s) ----
-    if args.pet is None:
+
+def _extractor(args, has_pet: bool, image_modality: str):
+    """The encoder(s) from --model, --backbone or --arch, and the modality of --image (a one-modality model folder
+    decides it when no PET is given)."""
+    from pathlib import Path
+
+    from ..features import FeatureExtractor
+
+    if not has_pet:
         wanted = [image_modality]
     elif args.modality == "both":
         wanted = ["CT", "PET"]
@@ -142,50 +135,42 @@ def run(args) -> int:
     else:
         wanted = None  # auto: decided by the encoder's input channels
     if args.model:
-        stream = None if args.modality == "auto" else args.modality
-        extractor = FeatureExtractor.from_model_folder(args.model, stream)
-        if pet is None and len(extractor.modalities) == 1:
+        extractor = FeatureExtractor.from_model_folder(args.model, None if args.modality == "auto" else args.modality)
+        if not has_pet and len(extractor.modalities) == 1:
             image_modality = extractor.modalities[0]
+        return extractor, image_modality
+    if args.backbone:
+        from ..backbones import load_backbone
+
+        backbone = load_backbone(args.backbone)
+        in_chans = backbone.patch_embed.proj.in_channels
+        if wanted is None:
+            wanted = ["CT", "PET"] if in_chans == 2 else ["CT"]
+        if in_chans not in (1, len(wanted)):
+            backbone = load_backbone(args.backbone, in_chans=1)
+        source = {"kind": "checkpoint", "path": str(Path(args.backbone).resolve()), "arch": backbone.load_report.arch}
     else:
-        if args.backbone:
-            from ..backbones import load_backbone
+        import torch
 
-            backbone = load_backbone(args.backbone)
-            in_chans = backbone.patch_embed.proj.in_channels
-            if wanted is None:
-                wanted = ["CT", "PET"] if in_chans == 2 else ["CT"]
-            if in_chans not in (1, len(wanted)):
-                backbone = load_backbone(args.backbone, in_chans=1)
-            source = {"kind": "checkpoint", "path": str(__import__("pathlib").Path(args.backbone).resolve()),
-                      "arch": backbone.load_report.arch}
-        else:
-            from ..backbones import create_backbone
+        from ..backbones import create_backbone
 
-            wanted = wanted or ["CT"]
-            torch.manual_seed(args.seed)
-            backbone = create_backbone(args.arch, in_chans=1).eval()
-            source = {"kind": "random", "arch": backbone.dinomed_arch, "seed": args.seed}
-        extractor = FeatureExtractor.from_backbone(backbone, wanted, source=source)
+        wanted = wanted or ["CT"]
+        torch.manual_seed(args.seed)
+        backbone = create_backbone(args.arch, in_chans=1).eval()
+        source = {"kind": "random", "arch": backbone.dinomed_arch, "seed": args.seed}
+    return FeatureExtractor.from_backbone(backbone, wanted, source=source), image_modality
 
-    inputs = {image_modality: image}
-    names = {image_modality: args.image}
-    if pet is not None:
-        inputs["PET"], names["PET"] = pet, args.pet
-    cache_dir = None if args.no_cache else (args.cache or default_cache_dir(args.image))
-    events.log(f"features: {extractor.source.get('kind')} {extractor.source.get('arch') or extractor.source.get('name') or ''}, "
-               f"streams {[s.name for s in extractor.streams]}, layer {args.layer}")
-    feats = compute_features(inputs, extractor, layer=args.layer, reference=image_modality, cache_dir=cache_dir,
-                             batch_size=args.batch_size, device=args.device, events=events, names=names)
-    if feats.from_cache:
-        events.artifact("features", str(feats.path), cached=True)
-    d, h, w = feats.shape
-    events.log(f"feature grid {w}×{h}×{d}, {feats.channels} channels, block {feats.meta.get('layer')}"
-               + (" (from the cache)" if feats.from_cache else ""))
+
+def _write_maps(args, feats, image, image_modality: str, title: str, events) -> None:
+    """The PCA map, the cosine map and the PNG figures that were asked for, each announced as an artifact."""
+    from ..errors import DinomedError
+    from ..features import cosine_map, pca_rgb, save_feature_figures
+    from ..io import read_image, write_image
+    from ..petct import resample_to_reference
 
     mask = None
     if args.mask:
-        mask = read_image(args.mask)
-        mask = resample_to_reference(mask, image, "nearest", 0, args.mask, args.image)
+        mask = resample_to_reference(read_image(args.mask), image, "nearest", 0, args.mask, args.image)
     rgb = None
     if args.pca or args.png:
         rgb = pca_rgb(feats, mask=mask, image=image if mask is None else None, modality=image_modality)
@@ -198,14 +183,44 @@ def run(args) -> int:
         if args.cosine_out:
             events.artifact("cosine", str(write_image(cosine, args.cosine_out)))
     if args.png:
+        d = feats.shape[0]
         k = args.slice if args.slice is not None else (int(voxel[2]) if voxel is not None else d // 2)
         if not 0 <= k < d:
             raise DinomedError(f"--slice {k} outside the image's {d} slices")
         if cosine is not None and args.cosine_mode == "2d" and k != int(voxel[2]):
             cosine = cosine_map(feats, args.cosine, args.point_space, "3d")
-        title = f"{extractor.source.get('arch') or extractor.source.get('name') or ''} block {feats.meta.get('layer')}"
         for path in save_feature_figures(args.png, image, k, image_modality, rgb, cosine,
                                          voxel if voxel is not None and int(voxel[2]) == k else None, title=title):
             events.artifact("figure", str(path))
+
+
+def run(args) -> int:
+    from ..events import EventWriter
+    from ..features import compute_features, default_cache_dir
+    from ..io import read_image
+
+    events = EventWriter(enabled=args.events)
+    _check_arguments(args)
+    image = read_image(args.image)
+    pet = read_image(args.pet) if args.pet else None
+    image_modality = "CT" if pet is not None else ("PET" if args.modality == "PET" else "CT")
+    extractor, image_modality = _extractor(args, pet is not None, image_modality)
+
+    inputs = {image_modality: image}
+    names = {image_modality: args.image}
+    if pet is not None:
+        inputs["PET"], names["PET"] = pet, args.pet
+    cache_dir = None if args.no_cache else (args.cache or default_cache_dir(args.image))
+    encoder_name = extractor.source.get("arch") or extractor.source.get("name") or ""
+    events.log(f"features: {extractor.source.get('kind')} {encoder_name}, "
+               f"streams {[s.name for s in extractor.streams]}, layer {args.layer}")
+    feats = compute_features(inputs, extractor, layer=args.layer, reference=image_modality, cache_dir=cache_dir,
+                             batch_size=args.batch_size, device=args.device, events=events, names=names)
+    if feats.from_cache:
+        events.artifact("features", str(feats.path), cached=True)
+    d, h, w = feats.shape
+    events.log(f"feature grid {w}×{h}×{d}, {feats.channels} channels, block {feats.meta.get('layer')}"
+               + (" (from the cache)" if feats.from_cache else ""))
+    _write_maps(args, feats, image, image_modality, f"{encoder_name} block {feats.meta.get('layer')}", events)
     events.done()
     return 0

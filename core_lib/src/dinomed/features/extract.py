@@ -260,7 +260,6 @@ def compute_features(
 
     from ..backbones import extract_features
     from ..io import check_volume
-    from ..petct import resample_to_reference
 
     names = dict(names or {})
     needed = extractor.modalities
@@ -284,18 +283,8 @@ def compute_features(
         raise DinomedError(f"the streams have different patch sizes {sorted(patch)}")
     patch_size = patch.pop()
 
-    key_fields = {
-        "format": CACHE_FORMAT,
-        "reference": reference,
-        "reference_grid": geometry_of(ref_image),
-        "images": {m: image_hash(inputs[m]) for m in sorted(set(needed))},
-        "weights": extractor.weights_hash(),
-        "layer": layer,
-        "norm": True,
-        "streams": [{"name": s.name, "channels": s.channels} for s in extractor.streams],
-        "patch_size": patch_size,
-    }
-    key = hashlib.blake2b(json.dumps(key_fields, sort_keys=True).encode(), digest_size=16).hexdigest()
+    key, key_fields = encoder_cache_key(CACHE_FORMAT, extractor, inputs, reference, layer, reference=reference,
+                                        norm=True, patch_size=patch_size)
     cache_file = Path(cache_dir) / f"{key}.json" if cache_dir is not None else None
     if cache_file is not None and cache_file.is_file():
         try:
@@ -308,16 +297,7 @@ def compute_features(
             log.warning("ignoring a damaged feature cache entry: %s", exc)
 
     # ---- compute -------------------------------------------------------------------------------------
-    volumes: dict[str, np.ndarray] = {}
-    for modality in needed:
-        image = inputs[modality]
-        if modality != reference:
-            image = resample_to_reference(image, ref_image, "linear", 0.0, names.get(modality, modality),
-                                          names.get(reference, reference))
-        array = sitk.GetArrayViewFromImage(image)
-        if modality == "PET":
-            check_pet_is_suv(array, names.get(modality, "PET"))
-        volumes[modality] = array
+    volumes = arrays_on_reference(inputs, needed, reference, names)
     image_geometry = geometry_of(ref_image)
     width, height, depth = image_geometry["size"]
     grid = feature_grid_geometry(image_geometry, patch_size)
@@ -376,3 +356,45 @@ def compute_features(
             if events is not None:
                 events.artifact("features", str(cache_file))
     return volume
+
+
+def arrays_on_reference(inputs: Mapping[str, sitk.Image], needed, reference: str,
+                        names: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """Each needed modality's voxels on the reference image's grid (linear resampling; a PET checked for SUV),
+    as (z, y, x) arrays: views of the given images, copies of the resampled ones; ``names`` name the inputs in
+    error messages."""
+    ref_image = inputs[reference]
+    volumes: dict[str, np.ndarray] = {}
+    for modality in needed:
+        image = inputs[modality]
+        if modality == reference:
+            array = sitk.GetArrayViewFromImage(image)  # valid while the caller holds ``inputs``
+        else:
+            from ..petct import resample_to_reference  # (imported lazily, as the caller does)
+
+            resampled = resample_to_reference(image, ref_image, "linear", 0.0, names.get(modality, modality),
+                                              names.get(reference, reference))
+            # a copy: a view would point into the resampled image's buffer, freed when this function returns
+            array = sitk.GetArrayFromImage(resampled)
+        if modality == "PET":
+            check_pet_is_suv(array, names.get(modality, "PET"))
+        volumes[modality] = array
+    return volumes
+
+
+def encoder_cache_key(cache_format: str, extractor: FeatureExtractor, inputs: Mapping[str, sitk.Image],
+                      grid_modality: str, layer: int, **fields) -> tuple[str, dict]:
+    """The cache key of what ``extractor`` computes from ``inputs`` at block ``layer`` on the grid of the
+    ``grid_modality`` image: a hash of the format, that grid, the voxels of every image read, the weights, the
+    streams and the caller's ``fields``, so that a changed image or model misses the cache (the feature cache
+    here, the slice embeddings of classify). Returns the key and the fields it hashes."""
+    key_fields = {
+        "format": cache_format,
+        "reference_grid": geometry_of(inputs[grid_modality]),
+        "images": {m: image_hash(inputs[m]) for m in sorted(set(extractor.modalities))},
+        "weights": extractor.weights_hash(),
+        "layer": layer,
+        "streams": [{"name": s.name, "channels": s.channels} for s in extractor.streams],
+        **fields,
+    }
+    return hashlib.blake2b(json.dumps(key_fields, sort_keys=True).encode(), digest_size=16).hexdigest(), key_fields

@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..atomic import atomic_path, atomic_write_text
-from ..errors import DinomedError, InputImageError
+from ..errors import DinomedError, InputImageError, read_json_object
 
 CACHE_FORMAT = "dinomed-features/1"
 POINT_SPACES = ("index", "lps", "ras")
@@ -228,15 +228,9 @@ class FeatureVolume:
     def load(cls, json_path: str | Path, mmap: bool = False) -> "FeatureVolume":
         """Read a cache entry (the JSON sidecar and its ``.npy``), checking that they fit each other."""
         json_path = Path(json_path)
-        try:
-            info = json.loads(json_path.read_text())
-        except FileNotFoundError:
-            raise DinomedError(f"{json_path}: no such feature file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DinomedError(f"{json_path}: not valid JSON ({exc})") from None
-        if not isinstance(info, dict) or info.get("format") != CACHE_FORMAT:
-            found = info.get("format") if isinstance(info, dict) else type(info).__name__
-            raise DinomedError(f"{json_path}: expected a {CACHE_FORMAT!r} feature file, found format {found!r}")
+        info = read_json_object(json_path, missing="no such feature file")
+        if info.get("format") != CACHE_FORMAT:
+            raise DinomedError(f"{json_path}: expected a {CACHE_FORMAT!r} feature file, found format {info.get('format')!r}")
         npy_path = json_path.parent / info["array"]
         try:
             array = np.load(npy_path, mmap_mode="r" if mmap else None, allow_pickle=False)

@@ -8,13 +8,12 @@ value that the config does not name: each is a :class:`DatasetError` naming the 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import DinomedError
+from ..errors import DinomedError, read_json_object
 
 GRID_TOLERANCE_MM = 1e-3
 
@@ -103,12 +102,7 @@ def read_dataset_json(root: str | Path) -> dict:
     path = root / "dataset.json"
     if not path.is_file():
         raise DatasetError(f"{root}: dataset.json is missing (expected the nnU-Net raw layout: dataset.json, imagesTr/, labelsTr/)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    data = read_json_object(path, DatasetError)
     channels = data.get("channel_names", data.get("modality"))  # nnU-Net v2 / MSD (v1) names
     if not isinstance(channels, dict) or not channels:
         raise DatasetError(f"{path}: no 'channel_names' (expected e.g. {{\"0\": \"CT\", \"1\": \"PET\"}})")

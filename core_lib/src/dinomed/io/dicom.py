@@ -231,6 +231,25 @@ def write_dicom_series(
     frame_of_reference_uid = frame_of_reference_uid or generate_uid()
     now = _dt.datetime.now()
 
+    today, time_now = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
+    # the attributes every slice of the series shares (keywords as pydicom names them)
+    series = {
+        "SOPClassUID": SOP_CLASS[modality], "Modality": modality, "PatientName": patient_name,
+        "PatientID": patient_id, "StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid,
+        "FrameOfReferenceUID": frame_of_reference_uid, "SeriesNumber": series_number,
+        "SeriesDescription": series_description, "StudyDate": today, "SeriesDate": today, "AcquisitionDate": today,
+        "ContentDate": today, "StudyTime": time_now, "SeriesTime": time_now, "AcquisitionTime": time_now,
+        "ContentTime": time_now, "ImageType": ["DERIVED", "SECONDARY"],
+        "ImageOrientationPatient": [f"{v:.8f}" for v in np.concatenate([direction[:, 0], direction[:, 1]])],
+        "PixelSpacing": [f"{spacing[1]:.6f}", f"{spacing[0]:.6f}"],  # row spacing (y), column spacing (x)
+        "SliceThickness": f"{spacing[2]:.6f}", "SpacingBetweenSlices": f"{spacing[2]:.6f}",
+        "SamplesPerPixel": 1, "PhotometricInterpretation": "MONOCHROME2",
+        "Rows": int(array.shape[1]), "Columns": int(array.shape[2]),
+        "BitsAllocated": 16, "BitsStored": 16, "HighBit": 15, "PixelRepresentation": 1,
+        "RescaleIntercept": "0", "RescaleType": "HU" if modality == "CT" else "US",
+    }
+    normal = np.cross(direction[:, 0], direction[:, 1])
+
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     written = []
@@ -251,38 +270,15 @@ def write_dicom_series(
             meta.TransferSyntaxUID = ExplicitVRLittleEndian
             ds = Dataset()
             ds.file_meta = meta
-            ds.SOPClassUID = SOP_CLASS[modality]
-            ds.SOPInstanceUID = sop_uid
-            ds.Modality = modality
-            ds.PatientName = patient_name
-            ds.PatientID = patient_id
-            ds.StudyInstanceUID = study_uid
-            ds.SeriesInstanceUID = series_uid
-            ds.FrameOfReferenceUID = frame_of_reference_uid
-            ds.SeriesNumber = series_number
-            ds.InstanceNumber = k + 1
-            ds.SeriesDescription = series_description
-            ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = now.strftime("%Y%m%d")
-            ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = now.strftime("%H%M%S.%f")
-            ds.ImageType = ["DERIVED", "SECONDARY"]
+            ds.update(series)
             position = origin + k * spacing[2] * direction[:, 2]
-            ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
-            ds.ImageOrientationPatient = [f"{v:.8f}" for v in np.concatenate([direction[:, 0], direction[:, 1]])]
-            ds.PixelSpacing = [f"{spacing[1]:.6f}", f"{spacing[0]:.6f}"]  # row spacing (y), column spacing (x)
-            ds.SliceThickness = f"{spacing[2]:.6f}"
-            ds.SpacingBetweenSlices = f"{spacing[2]:.6f}"
-            ds.SliceLocation = f"{float(np.dot(position, np.cross(direction[:, 0], direction[:, 1]))):.6f}"
-            ds.SamplesPerPixel = 1
-            ds.PhotometricInterpretation = "MONOCHROME2"
-            ds.Rows, ds.Columns = int(plane.shape[0]), int(plane.shape[1])
-            ds.BitsAllocated = 16
-            ds.BitsStored = 16
-            ds.HighBit = 15
-            ds.PixelRepresentation = 1
-            ds.RescaleSlope = f"{slope:.10g}" if not integer else "1"
-            ds.RescaleIntercept = "0"
-            ds.RescaleType = "HU" if modality == "CT" else "US"
-            ds.PixelData = _stored_values(plane, integer, slope).tobytes()
+            ds.update({
+                "SOPInstanceUID": sop_uid, "InstanceNumber": k + 1,
+                "ImagePositionPatient": [f"{v:.6f}" for v in position],
+                "SliceLocation": f"{float(np.dot(position, normal)):.6f}",
+                "RescaleSlope": f"{slope:.10g}" if not integer else "1",
+                "PixelData": _stored_values(plane, integer, slope).tobytes(),
+            })
             if dataset_hook is not None:
                 dataset_hook(ds, k)
             path = tmp_dir / f"{modality.lower()}_{k + 1:04d}.dcm"

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path, atomic_write_text
-from ..errors import CheckpointError, DinomedError
+from ..errors import CheckpointError, DinomedError, read_json_object
 
 MODEL_FORMAT = "dinomed-model/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -285,12 +285,7 @@ def read_model_json(folder: str | Path) -> dict:
         raise DinomedError(f"{folder}: no such model folder (expected a folder with {JSON_FILE} and {WEIGHTS_FILE})")
     if not path.is_file():
         raise DinomedError(f"{folder}: not a model folder: {JSON_FILE} is missing")
-    try:
-        model_json = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DinomedError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(model_json, dict):
-        raise DinomedError(f"{path}: expected a JSON object, found {type(model_json).__name__}")
+    model_json = read_json_object(path)
     fmt = model_json.get("format", MODEL_FORMAT)
     if fmt != MODEL_FORMAT:
         raise DinomedError(f"{path}: format {fmt!r} is not supported; expected {MODEL_FORMAT!r}")

@@ -223,35 +223,88 @@ def _grid_image(array: np.ndarray, spacing, origin, direction) -> sitk.Image:
     return image
 
 
-def make_phantom(
-    seed: int,
-    shape: tuple[int, int, int] = (64, 128, 128),
-    n_lesions: int | None = None,
-    oblique: bool = False,
-    noise: bool = True,
-    spacing: tuple[float, float, float] | None = None,
-    variety: str | Variety = "standard",
-) -> Phantom:
-    """Build the phantom of ``seed`` with a CT of ``shape`` (z, y, x) voxels.
+@dataclass
+class _Build:
+    """What the stages of :func:`make_phantom` share, in the order of the seed's random draws.
 
-    ``n_lesions`` defaults to 1-8 drawn from the seed (lesions only land in organs inside the field of view).
-    ``oblique`` tilts both grids by a few degrees (each its own direction). ``spacing`` (x, y, z mm) fixes the
-    CT spacing; otherwise it is drawn so that the body fills the field of view. ``noise=False`` gives the
-    noise-free CT and PET (the PET still blurred and resampled). ``variety`` (:class:`Variety`, or the name of one
-    of :data:`VARIETIES`) sets the ranges of the draws; with ``wide`` and no ``spacing`` the spacing is drawn and
-    the matrix follows the field of view, up to ``shape``.
+    The habitus and the CT grid (body frame) are set first; each later stage adds the few tissue levels that a
+    following stage needs (a lesion's contrast is relative to its host's uptake, the skull reuses the cortex HU).
     """
-    if len(shape) != 3 or min(shape) < 8:
-        raise DinomedError(f"phantom shape must be three sizes (z, y, x) of at least 8 voxels, got {tuple(shape)}")
-    if isinstance(variety, str):
-        if variety not in VARIETIES:
-            raise DinomedError(f"phantom variety {variety!r}: expected one of {sorted(VARIETIES)}")
-        variety = VARIETIES[variety]
-    W = variety
-    rng = np.random.default_rng(seed)
-    nz, ny, nx = (int(s) for s in shape)
 
-    # --- body habitus and the CT grid -------------------------------------------------------------
+    rng: np.random.Generator
+    variety: Variety
+    width_scale: float
+    depth_scale: float
+    organ_scale: float
+    nx: int
+    ny: int
+    nz: int
+    sx: float
+    sy: float
+    sz: float
+    z_start: float
+    body_dx: float
+    body_dy: float
+    canvas: _Canvas
+    paint: _Painter
+    # body outline (_paint_body_outline)
+    a_z: np.ndarray | None = None  # half width and half depth of the outline at each slice
+    b_z: np.ndarray | None = None
+    small: np.ndarray | None = None  # < 1 in the neck and head: thinner fat and muscle
+    body: np.ndarray | None = None
+    cavity: np.ndarray | None = None
+    fat_mm: float = 0.0
+    hu_fat: float = 0.0
+    suv_fat: float = 0.0
+    suv_soft: float = 0.0
+    # organs and bones, the backgrounds of the lesions
+    suv_lung: float = 0.0
+    contrast: bool = False
+    suv_liver: float = 0.0
+    hu_liver: float = 0.0
+    hu_cortex: float = 0.0
+    suv_marrow: float = 0.0
+
+    @property
+    def thorax_a(self) -> float:
+        return 175 * self.width_scale
+
+    @property
+    def thorax_b(self) -> float:
+        return 120 * self.depth_scale
+
+    @property
+    def spine_y(self) -> float:
+        return 0.48 * 112 * self.depth_scale
+
+    def side(self) -> float:
+        """A head-foot jitter of an organ's position, -1..1 times the variety's ``position_jitter``."""
+        return self.rng.uniform(-1, 1) * self.variety.position_jitter
+
+    def shift(self, c):
+        """``c`` moved sideways and front to back (wide variety only; no draw otherwise)."""
+        if not self.variety.organ_shift_mm:
+            return c
+        dx, dy = self.rng.uniform(-1, 1, 2) * self.variety.organ_shift_mm
+        return (c[0] + dx, c[1] + dy, c[2])
+
+
+@dataclass
+class _Grids:
+    """Physical geometry of the CT grid and of the PET grid (LPS mm, direction matrices)."""
+
+    ct_spacing: np.ndarray
+    ct_origin: np.ndarray
+    ct_dir: np.ndarray
+    pet_spacing: np.ndarray
+    pet_size: np.ndarray
+    pet_origin: np.ndarray
+    pet_dir: np.ndarray
+
+
+def _draw_habitus_and_ct_grid(rng: np.random.Generator, W: Variety, shape, spacing) -> _Build:
+    """Body size and organ scale, then the CT spacing, matrix and scan range in the body frame."""
+    nz, ny, nx = (int(s) for s in shape)
     width_scale, depth_scale = rng.uniform(*W.width), rng.uniform(*W.depth)
     organ_scale = rng.uniform(*W.organ_scale)
     if spacing is None and W.spacing_xy is not None:
@@ -275,10 +328,17 @@ def make_phantom(
     y = ((np.arange(ny) - (ny - 1) / 2) * sy - body_dy).astype(np.float32)
     z = (z_start + np.arange(nz) * sz).astype(np.float32)
     canvas = _Canvas(x, y, z)
-    paint = _Painter(canvas.shape)
+    return _Build(rng=rng, variety=W, width_scale=width_scale, depth_scale=depth_scale, organ_scale=organ_scale,
+                  nx=nx, ny=ny, nz=nz, sx=sx, sy=sy, sz=sz, z_start=z_start, body_dx=body_dx, body_dy=body_dy,
+                  canvas=canvas, paint=_Painter(canvas.shape))
 
-    a_z = (np.interp(z, _OUTLINE_Z, _OUTLINE_A) * width_scale).astype(np.float32)[:, None, None]
-    b_z = (np.interp(z, _OUTLINE_Z, _OUTLINE_B) * depth_scale).astype(np.float32)[:, None, None]
+
+def _paint_body_outline(b: _Build) -> None:
+    """Skin, subcutaneous fat, muscle and the body cavity, nested outlines whose size changes along z."""
+    rng, W, paint = b.rng, b.variety, b.paint
+    x, y, z = b.canvas.x, b.canvas.y, b.canvas.z
+    a_z = (np.interp(z, _OUTLINE_Z, _OUTLINE_A) * b.width_scale).astype(np.float32)[:, None, None]
+    b_z = (np.interp(z, _OUTLINE_Z, _OUTLINE_B) * b.depth_scale).astype(np.float32)[:, None, None]
     xx, yy = x[None, None, :], y[None, :, None]
     small = np.clip(np.minimum(a_z, b_z) / 110.0, 0.3, 1.0)  # neck and head: thin fat and muscle
 
@@ -286,7 +346,7 @@ def make_phantom(
         a, b = np.maximum(a_z - shrink, 1.0), np.maximum(b_z - shrink, 1.0)
         return (xx / a) ** 2 + (yy / b) ** 2 <= 1.0
 
-    fat_mm = rng.uniform(6, 30) * depth_scale
+    fat_mm = rng.uniform(6, 30) * b.depth_scale
     muscle_mm = rng.uniform(10, 22)
     body = inside(0.0)
     hu_fat, hu_muscle, hu_soft = rng.uniform(*W.hu_fat), rng.uniform(35, 60), rng.uniform(20, 45)
@@ -299,59 +359,59 @@ def make_phantom(
     paint.ct[muscle], paint.pet[muscle] = hu_muscle, suv_muscle
     cavity = inside(2.5 + (fat_mm + muscle_mm) * small)
     paint.ct[cavity], paint.pet[cavity] = hu_soft, suv_soft
-    del under_skin, muscle
-    thorax_a, thorax_b = 175 * width_scale, 120 * depth_scale
-    spine_y = 0.48 * 112 * depth_scale
+    b.a_z, b.b_z, b.small, b.body, b.cavity = a_z, b_z, small, body, cavity
+    b.fat_mm, b.hu_fat, b.suv_fat, b.suv_soft = fat_mm, hu_fat, suv_fat, suv_soft
 
 
-    # --- abdomen: mesenteric fat, bowel with gas and physiological uptake ---------------------------
+def _paint_abdomen_and_table(b: _Build) -> None:
+    """Mesenteric fat, bowel with gas and physiological uptake; air outside the body; the CT table under it."""
+    rng, paint, canvas = b.rng, b.paint, b.canvas
     for _ in range(rng.integers(6, 14)):
-        c = (rng.uniform(-90, 90) * width_scale, rng.uniform(-70, 30) * depth_scale, rng.uniform(90, 380))
+        c = (rng.uniform(-90, 90) * b.width_scale, rng.uniform(-70, 30) * b.depth_scale, rng.uniform(90, 380))
         r = rng.uniform(12, 30, 3)
         kind = rng.random()
         if kind < 0.35:
-            paint.paint(canvas.ellipsoid(c, r, rng.uniform(0, 3)), hu=hu_fat, suv=suv_fat)
+            paint.paint(canvas.ellipsoid(c, r, rng.uniform(0, 3)), hu=b.hu_fat, suv=b.suv_fat)
         elif kind < 0.65:
             paint.paint(canvas.ellipsoid(c, r * 0.6, rng.uniform(0, 3)), hu=rng.uniform(-950, -600), suv=0.05)
         else:
             paint.paint(canvas.ellipsoid(c, r, rng.uniform(0, 3)), hu=rng.uniform(10, 60),
-                        suv=rng.uniform(1.0, 4.0) if rng.random() < 0.6 else suv_soft)
-    paint.ct[~body] = -1000.0
-    paint.pet[~body] = 0.0
+                        suv=rng.uniform(1.0, 4.0) if rng.random() < 0.6 else b.suv_soft)
+    paint.ct[~b.body] = -1000.0
+    paint.pet[~b.body] = 0.0
     # CT table under the patient (carbon fibre); PET does not see it
-    table_y = float(np.interp(300, _OUTLINE_Z, _OUTLINE_B) * depth_scale) + rng.uniform(3, 15)
+    table_y = float(np.interp(300, _OUTLINE_Z, _OUTLINE_B) * b.depth_scale) + rng.uniform(3, 15)
     found = canvas.block([-230, table_y, -1e4], [230, table_y + 8, 1e4])
     if found is not None:
         sl = found[0]
-        paint.ct[sl][~body[sl]] = rng.uniform(150, 400)
+        paint.ct[sl][~b.body[sl]] = rng.uniform(150, 400)
 
-    s = organ_scale
-    side = lambda: rng.uniform(-1, 1) * W.position_jitter  # noqa: E731
 
-    def shift(c):  # wide: organs also move sideways and front to back
-        if not W.organ_shift_mm:
-            return c
-        dx, dy = rng.uniform(-1, 1, 2) * W.organ_shift_mm
-        return (c[0] + dx, c[1] + dy, c[2])
-    V = LABEL_VALUES
-
-    # --- lungs (before the organs that push into them) ----------------------------------------------
-    hu_lung, suv_lung = rng.uniform(*W.hu_lung), rng.uniform(0.3, 0.6)
-    lung_z = 640 + 15 * side()
+def _paint_lungs(b: _Build) -> None:
+    """Both lungs and the pulmonary vessels in them (before the organs that push into the lungs)."""
+    rng, paint, canvas, V = b.rng, b.paint, b.canvas, LABEL_VALUES
+    thorax_a, thorax_b, s = b.thorax_a, b.thorax_b, b.organ_scale
+    hu_lung, suv_lung = rng.uniform(*b.variety.hu_lung), rng.uniform(0.3, 0.6)
+    lung_z = 640 + 15 * b.side()
     for sign in (-1, 1):
         c = (sign * 0.48 * thorax_a, 0.08 * thorax_b, lung_z + (10 if sign < 0 else 0))
         r = (0.42 * thorax_a, 0.72 * thorax_b, 130 * s)
         paint.paint(canvas.ellipsoid(c, r, sign * rng.uniform(0, 0.15)), hu=hu_lung, suv=suv_lung, label=V["lung"],
-                    within=cavity)
+                    within=b.cavity)
     # pulmonary vessels: small dense tubes in the lungs
     for _ in range(rng.integers(10, 25)):
         c = (rng.uniform(-0.7, 0.7) * thorax_a, rng.uniform(-0.4, 0.6) * thorax_b, lung_z + rng.uniform(-110, 110))
         paint.paint(canvas.ellipsoid(c, (rng.uniform(2, 4), rng.uniform(2, 4), rng.uniform(10, 30)), rng.uniform(0, 3)),
                     hu=rng.uniform(20, 60), suv=rng.uniform(0.8, 1.6), only=[V["lung"]])
+    b.suv_lung = suv_lung
 
-    # --- abdominal organs ---------------------------------------------------------------------------
+
+def _paint_abdominal_organs(b: _Build) -> None:
+    """Contrast phase; liver with its left lobe, spleen, kidneys with a hot renal pelvis, urinary bladder."""
+    rng, paint, canvas, V = b.rng, b.paint, b.canvas, LABEL_VALUES
+    thorax_a, thorax_b, s, side, shift, cavity = b.thorax_a, b.thorax_b, b.organ_scale, b.side, b.shift, b.cavity
     contrast = rng.random() < 0.5  # portal-venous contrast phase brightens liver, spleen, kidneys, vessels
-    liver_suv = rng.uniform(*W.suv_liver)
+    liver_suv = rng.uniform(*b.variety.suv_liver)
     hu_liver = rng.uniform(85, 120) if contrast else rng.uniform(45, 65)
     liver_z = 470 + 20 * side()
     liver = dict(hu=hu_liver, suv=liver_suv, label=V["liver"])
@@ -373,14 +433,19 @@ def make_phantom(
         paint.paint(canvas.ellipsoid((c[0] - sign * 8, c[1] - 4, c[2]), (10 * s, 9 * s, 25 * s), tilt),
                     hu=rng.uniform(5, 20), suv=rng.uniform(5, 30), label=V["kidney"])  # renal pelvis, urine
     bladder_r = np.array([45, 35, 40]) * rng.uniform(0.6, 1.3)
-    paint.paint(canvas.ellipsoid(shift((0, -0.25 * 112 * depth_scale, 70 + 10 * side())), bladder_r),
+    paint.paint(canvas.ellipsoid(shift((0, -0.25 * 112 * b.depth_scale, 70 + 10 * side())), bladder_r),
                 hu=rng.uniform(0, 15), suv=rng.uniform(5, 60), label=V["urinary_bladder"], within=cavity)
+    b.contrast, b.suv_liver, b.hu_liver = contrast, liver_suv, hu_liver
 
-    # --- heart and great vessels --------------------------------------------------------------------
+
+def _paint_heart_and_vessels(b: _Build) -> None:
+    """Heart (myocardium around a blood pool), aorta and inferior vena cava; contrast brightens the blood."""
+    rng, paint, canvas, V = b.rng, b.paint, b.canvas, LABEL_VALUES
+    thorax_a, thorax_b, spine_y, cavity = b.thorax_a, b.thorax_b, b.spine_y, b.cavity
     blood_suv = rng.uniform(1.3, 2.3)
-    hu_blood = rng.uniform(120, 250) if contrast else rng.uniform(35, 50)
-    heart_c = shift((0.18 * thorax_a, -0.3 * thorax_b, 610 + 20 * side()))
-    heart_r = np.array([62, 50, 58]) * s
+    hu_blood = rng.uniform(120, 250) if b.contrast else rng.uniform(35, 50)
+    heart_c = b.shift((0.18 * thorax_a, -0.3 * thorax_b, 610 + 20 * b.side()))
+    heart_r = np.array([62, 50, 58]) * b.organ_scale
     heart_angle = rng.uniform(0.3, 0.8)
     paint.paint(canvas.ellipsoid(heart_c, heart_r, heart_angle), hu=rng.uniform(35, 50), suv=rng.uniform(1.0, 15.0),
                 label=V["heart"], within=cavity)
@@ -390,8 +455,11 @@ def make_phantom(
     paint.paint(canvas.cylinder(-0.12 * thorax_a, spine_y - 30, aorta_r * 1.1, aorta_r * 0.9, 180, 520),
                 hu=hu_blood * 0.9, suv=blood_suv)  # inferior vena cava
 
-    # --- skeleton -----------------------------------------------------------------------------------
-    bone = V["bone"]
+
+def _paint_skeleton(b: _Build) -> None:
+    """Vertebrae with discs and posterior arches, sloping ribs, sternum, iliac wings, femora, sacrum."""
+    rng, paint, canvas = b.rng, b.paint, b.canvas
+    bone, depth_scale, thorax_a, s = LABEL_VALUES["bone"], b.depth_scale, b.thorax_a, b.organ_scale
     hu_cortex, hu_marrow = rng.uniform(700, 1200), rng.uniform(150, 300)
     suv_marrow = rng.uniform(0.9, 2.0)
     vb_r = rng.uniform(16, 22)
@@ -412,13 +480,12 @@ def make_phantom(
         paint.paint(canvas.cylinder(0, spine_y, vb_r, vb_r * 0.85, zb, z_level + pitch), hu=rng.uniform(70, 100),
                     suv=0.5, label=0)  # disc
         z_level += pitch
-    spine_y = 0.48 * 112 * depth_scale
     # ribs: sloping arcs in an annulus inside the chest wall, posterior and anterior gaps
     found = canvas.block([-1e4, -1e4, 420], [1e4, 1e4, 780])
     if found is not None:
         sl, (bx, by, bz) = found
-        a_in = a_z[sl[0]] - (fat_mm + 6) * small[sl[0]]
-        b_in = b_z[sl[0]] - (fat_mm + 6) * small[sl[0]]
+        a_in = b.a_z[sl[0]] - (b.fat_mm + 6) * b.small[sl[0]]
+        b_in = b.b_z[sl[0]] - (b.fat_mm + 6) * b.small[sl[0]]
         rad = np.sqrt((bx / a_in) ** 2 + (by / b_in) ** 2)
         theta = np.arctan2(bx, -by)  # 0 anterior, +-pi posterior
         rib_pitch, rib_thick = rng.uniform(24, 32), rng.uniform(7, 10)
@@ -443,17 +510,29 @@ def make_phantom(
                     label=bone)
     paint.paint(canvas.ellipsoid((0, 0.75 * 112 * depth_scale, 150), (42, 18, 60), 0), hu=hu_cortex * 0.8, suv=0.6,
                 label=bone)  # sacrum
+    b.hu_cortex, b.suv_marrow = hu_cortex, suv_marrow
 
-    # --- head: skull and brain -----------------------------------------------------------------------
-    head_c = (0, -5, 965 + 10 * side())
+
+def _paint_head(b: _Build) -> None:
+    """Skull, grey matter and white matter."""
+    rng, paint, canvas, V = b.rng, b.paint, b.canvas, LABEL_VALUES
+    head_c = (0, -5, 965 + 10 * b.side())
     head_r = np.array([70, 88, 92]) * rng.uniform(0.92, 1.08)
-    paint.paint(canvas.ellipsoid(head_c, head_r), hu=hu_cortex * 1.2, suv=0.4, label=bone)
+    paint.paint(canvas.ellipsoid(head_c, head_r), hu=b.hu_cortex * 1.2, suv=0.4, label=V["bone"])
     brain_suv = rng.uniform(5.0, 12.0)
     paint.paint(canvas.ellipsoid(head_c, head_r - 7), hu=rng.uniform(28, 40), suv=brain_suv, label=V["brain"])
     paint.paint(canvas.ellipsoid((0, 0, head_c[2] + 5), (head_r - 7) * 0.6), hu=rng.uniform(22, 30),
                 suv=brain_suv * rng.uniform(0.45, 0.65), label=V["brain"])  # white matter
 
-    # --- lesions -------------------------------------------------------------------------------------
+
+def _paint_lesions(b: _Build, n_lesions: int | None) -> tuple[np.ndarray, list[tuple]]:
+    """Lesions of 1-4 overlapping spheres in their host (lung, liver, node station, soft tissue, bone).
+
+    Returns the lesion-id volume (CT grid) and one ``(kind, center, diameter, suv, hu, necrotic)`` per lesion.
+    """
+    rng, W, paint, canvas, V = b.rng, b.variety, b.paint, b.canvas, LABEL_VALUES
+    x, y, z = canvas.x, canvas.y, canvas.z
+    thorax_a, thorax_b, spine_y, body, cavity = b.thorax_a, b.thorax_b, b.spine_y, b.body, b.cavity
     lesion_ids = np.zeros(canvas.shape, np.uint16)
     lesions: list[tuple[str, tuple, float, float, float, bool]] = []
     n_wanted = int(rng.integers(*W.lesions)) if n_lesions is None else int(n_lesions)
@@ -489,10 +568,10 @@ def make_phantom(
                                                 np.log(W.lesion_mm[1]))))
         if not (z[0] - diameter / 2 <= center[2] <= z[-1] + diameter / 2):
             continue
-        host_bg = {"lung": suv_lung, "liver": liver_suv, "bone": suv_marrow}.get(kind, suv_soft)
+        host_bg = {"lung": b.suv_lung, "liver": b.suv_liver, "bone": b.suv_marrow}.get(kind, b.suv_soft)
         suv = float(np.clip(max(host_bg * rng.uniform(*W.lesion_contrast), rng.uniform(W.lesion_suv_min, 4.5)),
                             W.lesion_suv_min, 25.0))
-        hu = {"lung": rng.uniform(10, 50), "liver": hu_liver - rng.uniform(25, 60), "node": rng.uniform(25, 50),
+        hu = {"lung": rng.uniform(10, 50), "liver": b.hu_liver - rng.uniform(25, 60), "node": rng.uniform(25, 50),
               "soft_tissue": rng.uniform(25, 55), "bone": rng.choice([rng.uniform(30, 80), rng.uniform(500, 900)])}[kind]
         r0 = diameter / 2
         parts = [(center, r0)]
@@ -529,13 +608,17 @@ def make_phantom(
                 paint.pet[sl][mask] = suv * rng.uniform(0.15, 0.4)
                 paint.ct[sl][mask] = hu - rng.uniform(10, 25)
         lesions.append((kind, center, diameter, suv, hu, necrotic))
+    return lesion_ids, lesions
 
-    # --- geometry of both grids ----------------------------------------------------------------------
+
+def _draw_grids(b: _Build, oblique: bool) -> _Grids:
+    """Place the CT grid on the table (optionally tilted) and draw the PET grid: coarser, larger, shifted."""
+    rng, sx, sz = b.rng, b.sx, b.sz
     ct_dir = _rotation(rng, 8.0) if oblique else np.eye(3)
     table_shift = np.array([rng.uniform(-20, 20), rng.uniform(-40, 40), rng.uniform(-1500, -300)])
-    ct_size = np.array([nx, ny, nz])
-    ct_spacing = np.array([sx, sy, sz])
-    ct_center_body = np.array([-body_dx, -body_dy, z_start + (nz - 1) / 2 * sz])
+    ct_size = np.array([b.nx, b.ny, b.nz])
+    ct_spacing = np.array([sx, b.sy, sz])
+    ct_center_body = np.array([-b.body_dx, -b.body_dy, b.z_start + (b.nz - 1) / 2 * sz])
     ct_center = table_shift + ct_dir @ ct_center_body
     ct_origin = ct_center - ct_dir @ ((ct_size - 1) / 2 * ct_spacing)
 
@@ -549,65 +632,122 @@ def make_phantom(
     pet_dir = _rotation(rng, 8.0) if oblique else np.eye(3)
     pet_center = ct_center + np.array([rng.uniform(-15, 15), rng.uniform(-15, 15), rng.uniform(-8, 8)])
     pet_origin = pet_center - pet_dir @ ((pet_size - 1) / 2 * pet_spacing)
+    return _Grids(ct_spacing=ct_spacing, ct_origin=ct_origin, ct_dir=ct_dir, pet_spacing=pet_spacing,
+                  pet_size=pet_size, pet_origin=pet_origin, pet_dir=pet_dir)
 
-    # --- CT noise: in-plane correlated, as filtered back-projection gives ------------------------------
-    ct = paint.ct
+
+def _ct_image(b: _Build, g: _Grids, noise: bool) -> sitk.Image:
+    """The int16 HU CT, with in-plane correlated noise as filtered back-projection gives."""
+    rng, ct = b.rng, b.paint.ct
     if noise:
-        sigma_hu, corr = rng.uniform(*W.ct_noise_hu), rng.uniform(0.6, 1.3)
+        sigma_hu, corr = rng.uniform(*b.variety.ct_noise_hu), rng.uniform(0.6, 1.3)
         white = rng.standard_normal(ct.shape, dtype=np.float32)
         colored = ndimage.gaussian_filter(white, sigma=(0, corr, corr), mode="wrap")
-        colored *= sigma_hu / max(float(colored[:: max(1, nz // 8)].std()), 1e-6)
+        colored *= sigma_hu / max(float(colored[:: max(1, b.nz // 8)].std()), 1e-6)
         ct = ct + colored
-    ct_image = _grid_image(np.clip(np.round(ct), -1024, 3071).astype(np.int16), ct_spacing, ct_origin, ct_dir)
+    return _grid_image(np.clip(np.round(ct), -1024, 3071).astype(np.int16), g.ct_spacing, g.ct_origin, g.ct_dir)
 
-    # --- PET: PSF blur on the fine grid, onto the PET grid, counting noise, post-filter ----------------
+
+def _pet_image(b: _Build, g: _Grids, noise: bool) -> tuple[sitk.Image, float]:
+    """The float32 SUV PET: PSF blur on the fine grid, onto the PET grid, counting noise, post-filter.
+
+    Returns the image and the PSF's FWHM (mm).
+    """
+    rng, ct_spacing, pet_spacing, nz, ny, nx = b.rng, g.ct_spacing, g.pet_spacing, b.nz, b.ny, b.nx
     # a fine CT grid is first block-averaged to about half the PET voxel size (a detector-sized box, well
     # below the PSF), so that blurring a 512x512 CT-sized activity map stays cheap
     f = np.maximum(1, np.floor(pet_spacing / (2 * ct_spacing)).astype(int))  # x, y, z
-    act = paint.pet
+    act = b.paint.pet
     if np.any(f > 1):
         fz, fy, fx = int(f[2]), int(f[1]), int(f[0])
         cz, cy, cx = (nz // fz) * fz, (ny // fy) * fy, (nx // fx) * fx
         act = act[:cz, :cy, :cx].reshape(cz // fz, fz, cy // fy, fy, cx // fx, fx).mean(axis=(1, 3, 5), dtype=np.float32)
     act_spacing = ct_spacing * f
-    activity = _grid_image(act, act_spacing, ct_origin + ct_dir @ ((f - 1) / 2 * ct_spacing), ct_dir)
+    activity = _grid_image(act, act_spacing, g.ct_origin + g.ct_dir @ ((f - 1) / 2 * ct_spacing), g.ct_dir)
     fwhm = rng.uniform(5.0, 7.0)
     activity = sitk.SmoothingRecursiveGaussian(activity, fwhm / (2 * math.sqrt(2 * math.log(2))))
-    pet_ref = sitk.Image([int(v) for v in pet_size], sitk.sitkFloat32)
+    pet_ref = sitk.Image([int(v) for v in g.pet_size], sitk.sitkFloat32)
     pet_ref.SetSpacing([float(v) for v in pet_spacing])
-    pet_ref.SetOrigin([float(v) for v in pet_origin])
-    pet_ref.SetDirection([float(v) for v in pet_dir.ravel()])
+    pet_ref.SetOrigin([float(v) for v in g.pet_origin])
+    pet_ref.SetDirection([float(v) for v in g.pet_dir.ravel()])
     pet = sitk.Resample(activity, pet_ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     if noise:
         suv = np.clip(sitk.GetArrayFromImage(pet), 0, None)
-        counts_per_suv = rng.uniform(*W.pet_counts) * float(np.prod(pet_spacing)) / 1000.0  # counts per SUV per voxel
+        counts_per_suv = rng.uniform(*b.variety.pet_counts) * float(np.prod(pet_spacing)) / 1000.0  # per SUV per voxel
         noisy = rng.poisson(suv * counts_per_suv).astype(np.float32) / counts_per_suv
         noisy_image = sitk.GetImageFromArray(noisy)
         noisy_image.CopyInformation(pet)
-        pet = sitk.SmoothingRecursiveGaussian(noisy_image, float(pet_spacing_xy) * rng.uniform(0.4, 0.7))
-    pet = sitk.Cast(sitk.Clamp(pet, lowerBound=0.0), sitk.sitkFloat32)
+        pet = sitk.SmoothingRecursiveGaussian(noisy_image, float(pet_spacing[0]) * rng.uniform(0.4, 0.7))
+    return sitk.Cast(sitk.Clamp(pet, lowerBound=0.0), sitk.sitkFloat32), fwhm
 
-    organs_image = _grid_image(paint.organ, ct_spacing, ct_origin, ct_dir)
-    lesion_image = _grid_image((lesion_ids > 0).astype(np.uint8), ct_spacing, ct_origin, ct_dir)
-    ids_image = _grid_image(lesion_ids, ct_spacing, ct_origin, ct_dir)
 
-    lesion_list = []
+def _lesion_records(b: _Build, lesions: list[tuple], ct_image: sitk.Image) -> list[Lesion]:
+    """One :class:`Lesion` per painted lesion, its centre as a CT index and as an LPS point."""
+    records = []
     for kind, center, diameter, suv_value, hu, necrotic in lesions:
-        index = ((center[0] + body_dx) / sx + (nx - 1) / 2, (center[1] + body_dy) / sy + (ny - 1) / 2, (center[2] - z_start) / sz)
+        index = ((center[0] + b.body_dx) / b.sx + (b.nx - 1) / 2, (center[1] + b.body_dy) / b.sy + (b.ny - 1) / 2,
+                 (center[2] - b.z_start) / b.sz)
         lps = ct_image.TransformContinuousIndexToPhysicalPoint([float(v) for v in index])
-        lesion_list.append(Lesion(kind=str(kind), diameter_mm=round(float(diameter), 2), suv=round(float(suv_value), 3),
-                                  hu=round(float(hu), 1), center_lps=tuple(round(float(v), 2) for v in lps),
-                                  center_index=tuple(int(round(v)) for v in index), necrotic=bool(necrotic)))
+        records.append(Lesion(kind=str(kind), diameter_mm=round(float(diameter), 2), suv=round(float(suv_value), 3),
+                              hu=round(float(hu), 1), center_lps=tuple(round(float(v), 2) for v in lps),
+                              center_index=tuple(int(round(v)) for v in index), necrotic=bool(necrotic)))
+    return records
 
-    weight = float(np.clip(72 * width_scale * depth_scale * rng.uniform(0.9, 1.1), 40, 150))
+
+def _patient_record(b: _Build, fwhm: float) -> dict:
+    """What a PET DICOM header needs: weight (from the habitus), height, sex, dose, injection and uptake times."""
+    rng = b.rng
+    weight = float(np.clip(72 * b.width_scale * b.depth_scale * rng.uniform(0.9, 1.1), 40, 150))
     sex = str(rng.choice(["M", "F"]))
     height = float(rng.uniform(1.62, 1.95) if sex == "M" else rng.uniform(1.5, 1.82))
     dose = float(weight * rng.uniform(3.0, 4.5) * 1e6)
     injection_s = float(rng.uniform(7.5, 14.5) * 3600)
     uptake_s = float(rng.uniform(50, 80) * 60)
-    patient = {"weight_kg": round(weight, 2), "height_m": round(height, 3), "sex": sex, "injected_dose_bq": round(dose, 1),
-               "injection_seconds_of_day": round(injection_s, 1), "uptake_seconds": round(uptake_s, 1),
-               "half_life_s": F18_HALF_LIFE_S, "radiopharmaceutical": "Fluorodeoxyglucose", "psf_fwhm_mm": round(fwhm, 2),
-               "contrast_ct": bool(contrast)}
-    return Phantom(seed=int(seed), ct=ct_image, pet=pet, organs=organs_image, lesions=lesion_image, lesion_ids=ids_image,
-                   lesion_list=lesion_list, patient=patient)
+    return {"weight_kg": round(weight, 2), "height_m": round(height, 3), "sex": sex, "injected_dose_bq": round(dose, 1),
+            "injection_seconds_of_day": round(injection_s, 1), "uptake_seconds": round(uptake_s, 1),
+            "half_life_s": F18_HALF_LIFE_S, "radiopharmaceutical": "Fluorodeoxyglucose", "psf_fwhm_mm": round(fwhm, 2),
+            "contrast_ct": bool(b.contrast)}
+
+
+def make_phantom(
+    seed: int,
+    shape: tuple[int, int, int] = (64, 128, 128),
+    n_lesions: int | None = None,
+    oblique: bool = False,
+    noise: bool = True,
+    spacing: tuple[float, float, float] | None = None,
+    variety: str | Variety = "standard",
+) -> Phantom:
+    """Build the phantom of ``seed`` with a CT of ``shape`` (z, y, x) voxels.
+
+    ``n_lesions`` defaults to 1-8 drawn from the seed (lesions only land in organs inside the field of view).
+    ``oblique`` tilts both grids by a few degrees (each its own direction). ``spacing`` (x, y, z mm) fixes the
+    CT spacing; otherwise it is drawn so that the body fills the field of view. ``noise=False`` gives the
+    noise-free CT and PET (the PET still blurred and resampled). ``variety`` (:class:`Variety`, or the name of one
+    of :data:`VARIETIES`) sets the ranges of the draws; with ``wide`` and no ``spacing`` the spacing is drawn and
+    the matrix follows the field of view, up to ``shape``.
+    """
+    if len(shape) != 3 or min(shape) < 8:
+        raise DinomedError(f"phantom shape must be three sizes (z, y, x) of at least 8 voxels, got {tuple(shape)}")
+    if isinstance(variety, str):
+        if variety not in VARIETIES:
+            raise DinomedError(f"phantom variety {variety!r}: expected one of {sorted(VARIETIES)}")
+        variety = VARIETIES[variety]
+    # the stages draw from one generator in this order; reordering them changes every seed's phantom
+    b = _draw_habitus_and_ct_grid(np.random.default_rng(seed), variety, shape, spacing)
+    _paint_body_outline(b)
+    _paint_abdomen_and_table(b)
+    _paint_lungs(b)
+    _paint_abdominal_organs(b)
+    _paint_heart_and_vessels(b)
+    _paint_skeleton(b)
+    _paint_head(b)
+    lesion_ids, lesions = _paint_lesions(b, n_lesions)
+    grids = _draw_grids(b, oblique)
+    ct_image = _ct_image(b, grids, noise)
+    pet, fwhm = _pet_image(b, grids, noise)
+    on_ct = (grids.ct_spacing, grids.ct_origin, grids.ct_dir)
+    return Phantom(seed=int(seed), ct=ct_image, pet=pet, organs=_grid_image(b.paint.organ, *on_ct),
+                   lesions=_grid_image((lesion_ids > 0).astype(np.uint8), *on_ct),
+                   lesion_ids=_grid_image(lesion_ids, *on_ct), lesion_list=_lesion_records(b, lesions, ct_image),
+                   patient=_patient_record(b, fwhm))

@@ -88,3 +88,16 @@ def test_config_and_input_errors():
         build_model({**CFG, "variant": "late"})
     with pytest.raises(InputImageError, match=r"channel 0 CT, channel 1 PET.*expected 2 input channel"):
         build_model(CFG)(torch.randn(1, 1, 32, 32))
+
+
+@pytest.mark.parametrize("variant", ["dual", "early_fusion"])
+def test_detail_stream_reads_ct_and_pet(variant):
+    """The named detail stream (DINO-Med3D sec. 2.3.2) on both input channels: logits keep the input size, and the
+    stream's gradient reaches each channel of the input pixels directly."""
+    model = build_model({**CFG, "variant": variant, "detail_channels": 4}).eval()
+    assert model.decoder.detail.stem[0].in_channels == 2
+    x = torch.randn(1, 2, 37, 45, requires_grad=True)
+    out = model(x)
+    assert out.shape == (1, 3, 37, 45)
+    out[0, :, 10, 12].sum().backward()
+    assert x.grad[0, 0, 10, 12] != 0 and x.grad[0, 1, 10, 12] != 0

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from dinomed.backbones import extract_features
 from dinomed.models import build_model, load_model_folder, resolve_config
 from dinomed.models.meddinov3 import PatchDecode
-from dinomed.models.registry import upgrade_model_json
+from dinomed.models.registry import model_json_template, save_model_folder, upgrade_model_json
 
 CFG = {"name": "meddinov3", "backbone": "vit_tiny", "in_chans": 2, "num_classes": 3}
 REPO = Path(__file__).resolve().parents[2]
@@ -48,7 +48,7 @@ def test_one_training_step():
     assert not torch.equal(before, model.decoder.classifier.weight)
 
 
-def test_progressive_decoder_is_a_named_option_and_old_model_json_loads_as_it():
+def test_progressive_decoder_is_a_named_option_and_old_model_json_loads_as_it(tmp_path):
     model = build_model({**CFG, "decoder": "progressive", "decoder_channels": [32, 32, 16, 16]})
     assert model(torch.randn(1, 2, 40, 56)).shape == (1, 3, 40, 56)
     old = {"backbone": "vit_tiny", "in_chans": 1, "num_classes": 8, "layers": None, "decoder_channels": [64, 48, 32, 32],
@@ -57,11 +57,40 @@ def test_progressive_decoder_is_a_named_option_and_old_model_json_loads_as_it():
     assert upgraded["decoder"] == "progressive" and "high_res" not in upgraded
     assert resolve_config(upgraded)["decoder"] == "progressive"
     assert resolve_config({**CFG, "decoder_channels": [8, 8, 8, 8]})["decoder"] == "patch_decode"  # a new config: today's default
-    for folder in ("demo", "demo_ct_organs"):  # the bundled models were trained before the change
-        path = REPO / "Resources" / "Models" / folder
-        assert "decoder" not in json.loads((path / "model.json").read_text())["architecture"]
-        bundled, _ = load_model_folder(path)
-        assert bundled.arch_config["decoder"] == "progressive"
+    # a model folder written before ``decoder`` existed (weights of the progressive decoder, no ``decoder`` key)
+    arch = {**CFG, "decoder": "progressive", "decoder_channels": [32, 32, 16, 16]}
+    folder = save_model_folder(build_model(arch), model_json_template(arch), tmp_path / "old")
+    doc = json.loads((folder / "model.json").read_text())
+    del doc["architecture"]["decoder"]
+    (folder / "model.json").write_text(json.dumps(doc))
+    loaded, _ = load_model_folder(folder)
+    assert loaded.arch_config["decoder"] == "progressive"
+
+
+def test_detail_stream_is_a_named_option_of_the_progressive_decoder(tmp_path):
+    """detail_channels (DINO-Med3D sec. 2.3.2, gated detail stream on the input image): logits keep the input size
+    for any H, W, it round-trips through a model folder, it acts on the logits, and the paper's PatchDecode refuses it."""
+    from dinomed.errors import DinomedError
+    from dinomed.models.common import DetailStream2d
+
+    arch = {**CFG, "decoder": "progressive", "decoder_channels": [32, 32, 16, 16], "detail_channels": 8}
+    model = build_model(arch).eval()
+    assert isinstance(model.decoder.detail, DetailStream2d)
+    for size in ((40, 56), (17, 33)):
+        assert model(torch.randn(1, 2, *size)).shape == (1, 3, *size)
+    x = torch.randn(1, 2, 48, 48)
+    folder = save_model_folder(model, model_json_template(arch), tmp_path / "m")
+    loaded, mj = load_model_folder(folder)
+    assert mj["architecture"]["detail_channels"] == 8
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model(x))
+    with torch.no_grad():  # the stream acts: silencing its projection changes the logits
+        before = model(x)
+        model.decoder.detail.project.weight.zero_()
+        model.decoder.detail.project.bias.zero_()
+        assert not torch.allclose(model(x), before)
+    with pytest.raises(DinomedError, match="detail_channels"):
+        build_model({**CFG, "detail_channels": 8})
 
 
 @pytest.mark.parametrize("size", [(40, 56), (64, 64), (17, 33)])

@@ -92,24 +92,56 @@ class UpsampleBlock2d(nn.Module):
         return self.refine(self.up(x))
 
 
+class DetailStream2d(nn.Module):
+    """A 2D detail-recovery stream with adaptive gated fusion, after DINO-Med3D (arXiv:2606.18886, sec. 2.3.2: HRSE
+    and AGF): two 3×3 convolutions on the input image at full resolution give detail features ``D``; a gate
+    ``A = σ(conv3×3([S, P(D)]))`` over the decoder's full-resolution features ``S`` injects them as a residual
+    correction, ``S + A ⊙ P(D)`` (``P``: 1×1 projection to the width of ``S``). It gives a ViT decoder what a
+    16-pixel patch embedding loses: sub-patch detail such as the edge of a lesion smaller than a patch."""
+
+    def __init__(self, image_channels: int, channels: int, width: int):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(image_channels, channels, 3, padding=1, bias=False), group_norm(channels),
+                                  nn.GELU(), nn.Conv2d(channels, channels, 3, padding=1, bias=False), group_norm(channels),
+                                  nn.GELU())
+        self.project = nn.Conv2d(channels, width, 1)
+        self.gate = nn.Conv2d(2 * width, 1, 3, padding=1)
+
+    def forward(self, semantic: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        detail = self.project(self.stem(image))
+        attention = torch.sigmoid(self.gate(torch.cat([semantic, detail], dim=1)))
+        return semantic + attention * detail
+
+
 class ProgressiveUpsamplingDecoder(nn.Module):
     """Light decoder from 1/16-resolution token maps to full resolution: a 1×1 projection of the concatenated
-    multi-scale tokens, then four ×2 upsampling stages (MedDINOv3 sec. 3.1), then a 1×1 classifier."""
+    multi-scale tokens, then four ×2 upsampling stages (MedDINOv3 sec. 3.1), then a 1×1 classifier.
 
-    def __init__(self, in_channels: int, num_classes: int, channels: Sequence[int] = (256, 128, 64, 32)):
+    Named option ``detail_channels`` (0: off, the default): a :class:`DetailStream2d` of that width on the input image
+    (``image_channels`` channels, passed to ``forward``) corrects the full-resolution features before the classifier."""
+
+    def __init__(self, in_channels: int, num_classes: int, channels: Sequence[int] = (256, 128, 64, 32),
+                 detail_channels: int = 0, image_channels: int = 1):
         super().__init__()
         channels = list(channels)
         if len(channels) != 4:
             raise DinomedError(f"decoder_channels needs 4 widths (one per ×2 stage to reach 1/16 → 1), found {channels}")
+        if not isinstance(detail_channels, int) or isinstance(detail_channels, bool) or detail_channels < 0:
+            raise DinomedError(f"detail_channels must be 0 (off) or a positive width, found {detail_channels!r}")
         self.proj = nn.Sequential(nn.Conv2d(in_channels, channels[0], 1), group_norm(channels[0]), nn.GELU())
         widths = [channels[0]] + channels
         self.stages = nn.ModuleList(UpsampleBlock2d(widths[i], widths[i + 1]) for i in range(4))
+        self.detail = DetailStream2d(image_channels, detail_channels, channels[-1]) if detail_channels else None
         self.classifier = nn.Conv2d(channels[-1], num_classes, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
         x = self.proj(x)
         for stage in self.stages:
             x = stage(x)
+        if self.detail is not None:
+            if image is None or image.shape[-2:] != x.shape[-2:]:
+                raise DinomedError("the decoder's detail stream needs the (patch-padded) input image at the output size")
+            x = self.detail(x, image)
         return self.classifier(x)
 
 

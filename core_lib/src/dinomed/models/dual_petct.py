@@ -13,6 +13,9 @@ The single-stream models of the paper's comparison are the ``variant`` key (same
 ``dual`` (default), ``pet_only`` (one encoder on channel 1), ``ct_only`` (one encoder on channel 0) and
 ``early_fusion`` (one encoder whose patch embedding takes both channels).
 
+Named option ``detail_channels`` (0 = off): a detail-recovery stream with gated fusion on CT and PET at full
+resolution before the classifier, after DINO-Med3D sec. 2.3.2 (:class:`dinomed.models.common.DetailStream2d`).
+
 Input ``(B, 2, H, W)``: CT in channel 0, PET in channel 1 (docs/CONTRACTS.md, model.json ``inputs``), any H, W;
 output logits ``(B, num_classes, H, W)``. Checkpoint keys: ``pet_backbone_checkpoint`` and
 ``ct_backbone_checkpoint`` (dual and single-stream variants; ``backbone_checkpoint`` is the fallback for a
@@ -69,7 +72,8 @@ class DualDINOv3PETCT(nn.Module):
 
     def __init__(self, *, num_classes: int, backbone: str = "vit_base", in_chans: int = 2, variant: str = "dual",
                  layers: Sequence[int] | None = None, fusion_heads: int | None = None,
-                 decoder_channels: Sequence[int] = (256, 128, 64, 32), drop_path_rate: float = 0.0,
+                 decoder_channels: Sequence[int] = (256, 128, 64, 32), detail_channels: int = 0,
+                 drop_path_rate: float = 0.0,
                  freeze_backbone: bool = False, backbone_checkpoint: str | None = None,
                  pet_backbone_checkpoint: str | None = None, ct_backbone_checkpoint: str | None = None):
         super().__init__()
@@ -101,7 +105,7 @@ class DualDINOv3PETCT(nn.Module):
             self.layers = aggregation_layers(self.encoder, layers)
             feat_channels = self.encoder.embed_dim * len(self.layers)
             encoders = [self.encoder]
-        self.decoder = ProgressiveUpsamplingDecoder(feat_channels, num_classes, decoder_channels)
+        self.decoder = ProgressiveUpsamplingDecoder(feat_channels, num_classes, decoder_channels, detail_channels, 2)
         if freeze_backbone:
             for enc in encoders:
                 freeze(enc)
@@ -134,5 +138,9 @@ class DualDINOv3PETCT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, 4, self.in_chans, f"dual_petct ({self.variant}; channel 0 CT, channel 1 PET)")
         h, w = x.shape[-2:]
-        logits = self.decoder(torch.cat(self.forward_features(x), dim=1))
+        feats = torch.cat(self.forward_features(x), dim=1)
+        if self.decoder.detail is not None:  # named option: the detail stream reads CT and PET at full resolution
+            logits = self.decoder(feats, image=pad_to_patch(x)[0])
+        else:
+            logits = self.decoder(feats)
         return logits[..., :h, :w]

@@ -27,7 +27,10 @@ Named option ``decoder: progressive`` (with ``decoder_channels``, 4 widths): our
 projection to ``decoder_channels[0]`` then four ×2 stages of [transposed conv + GroupNorm + GELU, 3×3 conv +
 GroupNorm + GELU]. It has ~2 M parameters instead of ~25 M at ViT-B and a 3×3 refinement per scale, which suits
 small models and CPU training (the bundled demo models use it). A model.json written before ``decoder`` existed
-names ``decoder_channels`` only and is read as ``progressive``, the decoder it was trained with.
+names ``decoder_channels`` only and is read as ``progressive``, the decoder it was trained with. Named option
+``detail_channels`` (progressive decoder only; 0 = off): a detail-recovery stream with gated fusion on the input
+image at full resolution, after DINO-Med3D sec. 2.3.2 (:class:`dinomed.models.common.DetailStream2d`); the
+bundled demo models use it for lesions smaller than a patch.
 Input ``(B, C, H, W)``; output logits ``(B, num_classes, H, W)``.
 """
 from __future__ import annotations
@@ -96,7 +99,8 @@ class MedDINOv3(nn.Module):
 
     def __init__(self, *, num_classes: int, backbone: str = "vit_base", in_chans: int = 1,
                  layers: Sequence[int] | None = None, decoder: str = "patch_decode",
-                 decoder_channels: Sequence[int] = (256, 128, 64, 32), drop_path_rate: float = 0.0,
+                 decoder_channels: Sequence[int] = (256, 128, 64, 32), detail_channels: int = 0,
+                 drop_path_rate: float = 0.0,
                  freeze_backbone: bool = False, backbone_checkpoint: str | None = None):
         super().__init__()
         self.in_chans = in_chans
@@ -104,10 +108,13 @@ class MedDINOv3(nn.Module):
         self.backbone = make_backbone(backbone, in_chans, backbone_checkpoint, drop_path_rate)
         self.layers = aggregation_layers(self.backbone, layers)
         width = self.backbone.embed_dim * len(self.layers)
+        if detail_channels and decoder != "progressive":
+            raise DinomedError("meddinov3: detail_channels (the detail stream) is an option of the progressive decoder; "
+                               "set decoder: progressive or detail_channels: 0")
         if decoder == "patch_decode":
             self.decoder = PatchDecode(width, num_classes)
         elif decoder == "progressive":
-            self.decoder = ProgressiveUpsamplingDecoder(width, num_classes, decoder_channels)
+            self.decoder = ProgressiveUpsamplingDecoder(width, num_classes, decoder_channels, detail_channels, in_chans)
         else:
             raise DinomedError(f"meddinov3: decoder must be 'patch_decode' (the paper's) or 'progressive', "
                                f"found {decoder!r}")
@@ -123,5 +130,8 @@ class MedDINOv3(nn.Module):
         check_input(x, 4, self.in_chans, "meddinov3")
         h, w = x.shape[-2:]
         feats = self.forward_features(x)
-        logits = self.decoder(torch.cat(feats, dim=1))
+        if getattr(self.decoder, "detail", None) is not None:
+            logits = self.decoder(torch.cat(feats, dim=1), image=pad_to_patch(x)[0])
+        else:
+            logits = self.decoder(torch.cat(feats, dim=1))
         return logits[..., :h, :w]

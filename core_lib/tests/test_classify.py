@@ -332,7 +332,8 @@ def test_2d_images_are_one_slice_each(tmp_path):
 
 
 def test_extract_with_a_model_folders_encoders(tmp_path):
-    """A model folder's encoder with its own inputs (CT + PET) and normalisation, as ``dinomed features`` uses it."""
+    """A model folder's encoders with their own inputs and normalisation, as ``dinomed features`` uses them: the
+    bundled demo model is Dual-DINOv3, so CT alone runs its CT encoder and --pet-glob adds the PET encoder."""
     from dinomed.commands.demo import DEMO_MODEL_DIR
 
     if not (DEMO_MODEL_DIR / "model.json").is_file():
@@ -343,9 +344,12 @@ def test_extract_with_a_model_folders_encoders(tmp_path):
     out = tmp_path / "f.npz"
     args = ["classify", "extract", "--images", str(tmp_path / "ds" / "imagesTr"), "--glob", "*_0000.nii.gz",
             "--model", str(DEMO_MODEL_DIR), "--out", str(out), "--no-cache", "--device", "cpu"]
-    assert main(args) == 2  # the model reads CT and PET: the PET files must be named
+    assert main(args) == 0  # CT alone: the dual model's CT encoder
+    ct_only = FeatureSet.load(out)
+    assert ct_only.meta["modalities"] == ["CT"] and ct_only.patch.shape[1] == 64
     assert main([*args, "--pet-glob", "*_0001.nii.gz"]) == 0
     fs = FeatureSet.load(out)
+    assert fs.patch.shape[1] == 2 * ct_only.patch.shape[1]  # both encoders' features, side by side
     assert fs.meta["model"]["kind"] == "model" and fs.meta["modalities"] == ["CT", "PET"]
     assert fs.case_ids == ["case_0000", "case_0001", "case_0002"] and fs.offsets[-1] == 24
     assert all(set(files) == {"CT", "PET"} for files in fs.meta["files"].values())

@@ -129,6 +129,11 @@ def load_state(path: Path) -> dict:
 
 
 def config_differences(saved: dict, current: dict, prefix: tuple = ()) -> list[str]:
+    """The settings that differ between an interrupted run's config and today's (session keys aside). A key the
+    saved config lacks because it was added to the defaults later, and that today's config leaves at its default,
+    is no difference: run folders written by an earlier version still resume."""
+    from .config import DEFAULTS
+
     diffs = []
     for key in sorted(set(saved) | set(current)):
         path = prefix + (key,)
@@ -137,9 +142,20 @@ def config_differences(saved: dict, current: dict, prefix: tuple = ()) -> list[s
         a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += config_differences(a, b, path)
+        elif a == "<absent>" and _default_at(DEFAULTS, path) == (True, b):
+            continue
         elif a != b:
             diffs.append(f"{'.'.join(path)}: {a!r} → {b!r}")
     return diffs
+
+
+def _default_at(defaults: dict, path: tuple) -> tuple[bool, object]:
+    node = defaults
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return False, None
+        node = node[key]
+    return True, node
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from ..config import parse_overrides as parse_override_layers
 from ..errors import DinomedError
 
 __all__ = ["CONFIG_DIR", "DEFAULTS", "FREE_FORM", "check_config", "dump_config", "find_config", "load_config",
-           "parse_overrides"]
+           "parse_overrides", "with_defaults"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "finetune"
 
@@ -178,6 +178,16 @@ def _recipe_layers(path: Path, seen: tuple) -> list[Layer]:
     sibling = path.parent / (str(base) if str(base).endswith((".yaml", ".yml")) else f"{base}.yaml")
     base_path = sibling if sibling.is_file() else find_config(base)
     return [*_recipe_layers(base_path, seen + (str(path),)), layer]
+
+
+def with_defaults(saved: dict) -> dict:
+    """A resolved config saved by an earlier version, laid over today's defaults: a key added to the defaults since
+    then (e.g. ``data.class_ratios``) gets its default, so that ``--resume`` of an older run folder sees no change."""
+    import copy
+
+    cfg = copy.deepcopy(DEFAULTS)
+    deep_merge(cfg, copy.deepcopy(saved))
+    return cfg
 
 
 def check_config(cfg: dict) -> None:

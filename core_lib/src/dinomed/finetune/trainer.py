@@ -31,7 +31,7 @@ from ..runtime import DistInfo, StopRequest, autocast, autocast_dtype, init_dist
 from ..training import (barrier, check_finite_loss, check_run_folder, gather_rng_states, load_checkpoint, lr_factor,
                         restore_rng_states, save_checkpoint, seed_everything, wrap_ddp)
 from ..events import EventWriter
-from .config import dump_config
+from .config import dump_config, with_defaults
 from .dataset import DatasetSpec, load_case, open_dataset, split_cases, validate_dataset
 from .metrics import class_metrics, nanmean
 from .transforms import PatchDataset, PatchSampler, StepIndices
@@ -129,11 +129,6 @@ def load_state(path: Path) -> dict:
 
 
 def config_differences(saved: dict, current: dict, prefix: tuple = ()) -> list[str]:
-    """The settings that differ between an interrupted run's config and today's (session keys aside). A key the
-    saved config lacks because it was added to the defaults later, and that today's config leaves at its default,
-    is no difference: run folders written by an earlier version still resume."""
-    from .config import DEFAULTS
-
     diffs = []
     for key in sorted(set(saved) | set(current)):
         path = prefix + (key,)
@@ -142,20 +137,9 @@ def config_differences(saved: dict, current: dict, prefix: tuple = ()) -> list[s
         a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += config_differences(a, b, path)
-        elif a == "<absent>" and _default_at(DEFAULTS, path) == (True, b):
-            continue
         elif a != b:
             diffs.append(f"{'.'.join(path)}: {a!r} → {b!r}")
     return diffs
-
-
-def _default_at(defaults: dict, path: tuple) -> tuple[bool, object]:
-    node = defaults
-    for key in path:
-        if not isinstance(node, dict) or key not in node:
-            return False, None
-        node = node[key]
-    return True, node
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -326,7 +310,7 @@ def _resume(state_path: Path, cfg: dict, split: _Split, model: nn.Module, opt: _
             events: EventWriter) -> _Progress:
     """Check that the interrupted run was this one (config, cases), then restore everything it saved."""
     state = load_state(state_path)
-    saved_cfg = json.loads(state["config"])
+    saved_cfg = with_defaults(json.loads(state["config"]))  # keys added to the defaults since the run was saved
     diffs = config_differences(saved_cfg, cfg)
     if diffs:
         raise DinomedError(f"--resume: the config differs from the interrupted run's ({state_path}): " + "; ".join(diffs))

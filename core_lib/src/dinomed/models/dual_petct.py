@@ -138,9 +138,8 @@ class DualDINOv3PETCT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, 4, self.in_chans, f"dual_petct ({self.variant}; channel 0 CT, channel 1 PET)")
         h, w = x.shape[-2:]
+        x, _ = pad_to_patch(x)  # once: forward_features finds it aligned
         feats = torch.cat(self.forward_features(x), dim=1)
-        if self.decoder.detail is not None:  # named option: the detail stream reads CT and PET at full resolution
-            logits = self.decoder(feats, image=pad_to_patch(x)[0])
-        else:
-            logits = self.decoder(feats)
+        # named option: the detail stream reads CT and PET at full resolution
+        logits = self.decoder(feats, image=x) if self.decoder.detail is not None else self.decoder(feats)
         return logits[..., :h, :w]

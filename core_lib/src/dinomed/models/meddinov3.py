@@ -111,6 +111,7 @@ class MedDINOv3(nn.Module):
         if detail_channels and decoder != "progressive":
             raise DinomedError("meddinov3: detail_channels (the detail stream) is an option of the progressive decoder; "
                                "set decoder: progressive or detail_channels: 0")
+        self.detail = bool(detail_channels)
         if decoder == "patch_decode":
             self.decoder = PatchDecode(width, num_classes)
         elif decoder == "progressive":
@@ -129,9 +130,7 @@ class MedDINOv3(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, 4, self.in_chans, "meddinov3")
         h, w = x.shape[-2:]
-        feats = self.forward_features(x)
-        if getattr(self.decoder, "detail", None) is not None:
-            logits = self.decoder(torch.cat(feats, dim=1), image=pad_to_patch(x)[0])
-        else:
-            logits = self.decoder(torch.cat(feats, dim=1))
+        x, _ = pad_to_patch(x)  # once: forward_features finds it aligned
+        feats = torch.cat(self.forward_features(x), dim=1)
+        logits = self.decoder(feats, image=x) if self.detail else self.decoder(feats)
         return logits[..., :h, :w]

@@ -27,6 +27,7 @@ that post-processing and lesion statistics see realistic label maps; ``--unet-cr
 central crop and scales by the number of sliding windows. The printout says which figures are scaled.
 
     python benchmarks/inference.py --arch vit_small --target-spacing 1.5 1.5 1.0 --slices 8 --unet-crop 128 192 192
+    python benchmarks/inference.py ... --compile                          # + the ViT compiled (segment --compile)
     python benchmarks/inference.py --arch vit_small --device cuda        # the whole volume on a GPU
 """
 from __future__ import annotations
@@ -150,25 +151,43 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
-def _child_vit(queue, model_dir, ct, pet, device, threads, matmul_n):
-    """``segment_files`` (what ``dinomed segment`` runs) under the stage profiler, beside a matmul measurement."""
+def _child_vit(queue, model_dir, ct, pet, device, threads, matmul_n, compile=False):
+    """``segment_files`` (what ``dinomed segment`` runs) under the stage profiler, beside a matmul measurement.
+
+    ``compile``: ``segment_files(compile=True)`` (``dinomed segment --compile``) runs twice in this process: the
+    first run compiles (its ``compile`` stage and whether TorchInductor's disk cache already held the code are
+    reported), the second, measured run is what every later volume of that shape costs."""
     import torch
 
     torch.set_num_threads(threads)
     from dinomed.events import EventWriter
+    from dinomed.inference.compiled import inductor_cache_dir
     from dinomed.inference.profile import profiling
     from dinomed.inference.segment import resolve_device, segment_files
 
     load = os.getloadavg()[0]
     peak = matmul_gflops(resolve_device(device), matmul_n)
     out = Path(tempfile.mkdtemp(prefix="dinomed-bench-"))
+    extra = {}
+    if compile:
+        cache = inductor_cache_dir()
+        warm = cache.is_dir() and any(cache.iterdir())
+        messages = []
+        events = EventWriter(enabled=False, quiet=True)
+        events.warning = messages.append  # a fallback to eager must show in the benchmark's output
+        with profiling() as first:
+            segment_files(model_dir, ct, out / "seg0.nii.gz", pet_path=pet, device=device, events=events,
+                          compile=True)
+        if messages:
+            raise RuntimeError(f"--compile fell back to eager: {messages}")
+        extra = {"compile_s": first.as_dict()["stages"].get("compile", 0.0), "inductor_cache_warm": warm}
     with profiling() as profile:
         result = segment_files(model_dir, ct, out / "seg.nii.gz", pet_path=pet, stats_path=out / "lesions.csv",
-                               device=device, events=EventWriter(enabled=False, quiet=True))
+                               device=device, events=EventWriter(enabled=False, quiet=True), compile=compile)
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if result.device.startswith("cuda") else None
     queue.put({**profile.as_dict(), "peak_rss_mb": _peak_rss_mb(), "cuda_peak_mb": cuda_peak, "matmul_gflops": peak,
                "load": load, "precision": result.precision, "device": result.device,
-               "lesions": result.lesion_count})
+               "lesions": result.lesion_count, **extra})
 
 
 def _child_unet(queue, ct, pet, device, threads, crop, overlap, sw_batch, matmul_n):
@@ -300,6 +319,8 @@ def main(argv=None) -> int:
     parser.add_argument("--unet-crop", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
                         help="run the U-Net on a central crop and extrapolate by the window count")
     parser.add_argument("--no-unet", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the ViT compiled (dinomed segment --compile), interleaved with the others")
     parser.add_argument("--pipeline-model", default=None, metavar="MODEL_DIR",
                         help="with --slices: the trained model folder whose whole-volume run gives the non-model stage "
                         "times (default: the bundled demo PET/CT model)")
@@ -355,13 +376,17 @@ def main(argv=None) -> int:
         full_windows = count_windows((depth, height, width), NNUNET_PATCH, 0.5)
 
     # side by side: each repeat runs the ViT, then the peer, so that both see the same load
-    vit_runs, unet_runs, pipe_runs = [], [], []
+    vit_runs, unet_runs, pipe_runs, comp_runs = [], [], [], []
     n_unet = 0 if args.no_unet else (args.unet_repeats if args.unet_repeats is not None else args.repeats)
     for i in range(max(args.repeats, n_unet)):
         if i < args.repeats:
             vit_runs.append(run_child(_child_vit, str(model_dir), str(vit_ct), str(case["pet"]), args.device,
                                       args.threads, matmul_n))
             print(f"vit run {i + 1}: {vit_runs[-1]}", file=sys.stderr)
+            if args.compile:
+                comp_runs.append(run_child(_child_vit, str(model_dir), str(vit_ct), str(case["pet"]), args.device,
+                                           args.threads, matmul_n, True))
+                print(f"compiled vit run {i + 1}: {comp_runs[-1]}", file=sys.stderr)
         if i < n_unet:
             unet_runs.append(run_child(_child_unet, str(case["ct"]), str(case["pet"]), args.device, args.threads,
                                        args.unet_crop, 0.5, args.sw_batch, matmul_n))
@@ -372,27 +397,33 @@ def main(argv=None) -> int:
             print(f"pipeline run {i + 1}: {pipe_runs[-1]}", file=sys.stderr)
 
     # --- the ViT: model stages from its own runs (scaled to the whole volume), the rest from the whole-volume runs
-    vit_stages = _median_stages(vit_runs)
-    model_part = sum(vit_stages.get(k, 0.0) for k in MODEL_STAGES) * model_slices_full / model_slices_run
     rest_runs = pipe_runs or vit_runs
     rest = {k: v for k, v in _median_stages(rest_runs).items() if k not in MODEL_STAGES}
-    vit_wall = model_part + sum(rest.values())
-    vit_fraction = statistics.median(
-        vit_flops * model_slices_run / max(1e-9, sum(r["stages"].get(k, 0.0) for k in MODEL_STAGES)) / 1e9 / r["matmul_gflops"]
-        for r in vit_runs)
-    peak = statistics.median(r["matmul_gflops"] for r in vit_runs + unet_runs)
-    rows = [{
-        "model": f"MedDINOv3 {args.arch} {args.decoder} (2D, batch {args.batch_size})",
-        "device": f"{vit_runs[0]['device']} {vit_runs[0]['precision']}",
-        "grid": f"{gx}x{gy}x{gz}",
-        "ran": (f"model: {n_slices} of {depth} slices, extrapolated; the rest: whole volume ({Path(pipeline_dir).name})"
-                if pipeline_dir else "whole volume"),
-        "wall_s": vit_wall, "model_s": model_part, "rest_s": sum(rest.values()),
-        "peak_rss_mb": max(r["peak_rss_mb"] for r in vit_runs + pipe_runs),
-        "cuda_peak_mb": vit_runs[0]["cuda_peak_mb"], "gflop_per_slice": vit_flops / 1e9,
-        "gflops": vit_flops * model_slices_full / model_part / 1e9, "fraction": vit_fraction,
-        "stages": {**{k: vit_stages.get(k, 0.0) * model_slices_full / model_slices_run for k in MODEL_STAGES}, **rest},
-    }]
+
+    def vit_row(runs: list[dict], label: str) -> dict:
+        stages = _median_stages(runs)
+        model_part = sum(stages.get(k, 0.0) for k in MODEL_STAGES) * model_slices_full / model_slices_run
+        fraction = statistics.median(
+            vit_flops * model_slices_run / max(1e-9, sum(r["stages"].get(k, 0.0) for k in MODEL_STAGES)) / 1e9
+            / r["matmul_gflops"] for r in runs)
+        return {
+            "model": f"MedDINOv3 {args.arch} {args.decoder} (2D, batch {args.batch_size}{label})",
+            "short": f"ViT{label.replace(',', '')}",
+            "device": f"{runs[0]['device']} {runs[0]['precision']}",
+            "grid": f"{gx}x{gy}x{gz}",
+            "ran": (f"model: {n_slices} of {depth} slices, extrapolated; the rest: whole volume ({Path(pipeline_dir).name})"
+                    if pipeline_dir else "whole volume"),
+            "wall_s": model_part + sum(rest.values()), "model_s": model_part, "rest_s": sum(rest.values()),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs + pipe_runs),
+            "cuda_peak_mb": runs[0]["cuda_peak_mb"], "gflop_per_slice": vit_flops / 1e9,
+            "gflops": vit_flops * model_slices_full / model_part / 1e9, "fraction": fraction,
+            "stages": {**{k: stages.get(k, 0.0) * model_slices_full / model_slices_run for k in MODEL_STAGES}, **rest},
+        }
+
+    peak = statistics.median(r["matmul_gflops"] for r in vit_runs + unet_runs + comp_runs)
+    rows = [vit_row(vit_runs, "")]
+    if comp_runs:
+        rows.append(vit_row(comp_runs, ", compiled"))
 
     if unet_runs:
         ustages = _median_stages(unet_runs)
@@ -402,7 +433,7 @@ def main(argv=None) -> int:
         umodel = ustages.get("model", 0.0) * wscale
         urest = {k: v * (vscale if k != "load model" else 1.0) for k, v in ustages.items() if k != "model"}
         rows.append({
-            "model": "DynUNet nnU-Net 3d_fullres-like (3D, 128^3, overlap 0.5)",
+            "model": "DynUNet nnU-Net 3d_fullres-like (3D, 128^3, overlap 0.5)", "short": "DynUNet",
             "device": f"{device} {unet_runs[0]['precision']}", "grid": f"{width}x{height}x{depth}",
             "ran": (f"crop {'x'.join(map(str, unet_runs[0]['shape']))}: {windows} of {full_windows} windows, extrapolated"
                     if wscale > 1 else f"{windows} windows"),
@@ -416,7 +447,7 @@ def main(argv=None) -> int:
             "stages": {"model": umodel, **urest},
         })
 
-    loads = [r["load"] for r in vit_runs + unet_runs + pipe_runs]
+    loads = [r["load"] for r in vit_runs + unet_runs + pipe_runs + comp_runs]
     cpu = platform.processor() or platform.machine()
     print(f"\nCase: synthetic PET/CT, CT {width}x{height}x{depth} (x, y, z), PET on its own grid; "
           f"device {device}, {args.threads} thread(s) ({cpu}), torch {torch.__version__}; fp32 matmul {matmul_n}^3: "
@@ -431,14 +462,21 @@ def main(argv=None) -> int:
         print(f"| {r['model']} | {r['device']} | {r['grid']} | {r['ran']} | {r['wall_s']:.1f} | {r['model_s']:.1f} | "
               f"{r['rest_s']:.1f} ({100 * r['rest_s'] / r['wall_s']:.0f}%) | {r['peak_rss_mb']:.0f} | {gpu} | "
               f"{r['gflop_per_slice']:.1f} | {r['gflops']:.1f} | {100 * r['fraction']:.0f}% |")
-    if len(rows) == 2:
-        print(f"\nDynUNet / ViT wall time: {rows[1]['wall_s'] / rows[0]['wall_s']:.1f}x "
-              f"(model part alone: {rows[1]['model_s'] / rows[0]['model_s']:.1f}x)")
+    unet_row = rows[-1] if unet_runs else None
+    for r in rows:
+        if unet_row is not None and r is not unet_row:
+            print(f"\nDynUNet / {r['model']}, wall time: {unet_row['wall_s'] / r['wall_s']:.1f}x (model part alone: {unet_row['model_s'] / r['model_s']:.1f}x)")
+    if comp_runs:
+        compile_s = [r["compile_s"] for r in comp_runs]
+        print(f"\nCompiled ViT: one-time compilation {statistics.median(compile_s):.1f} s per process (median; "
+              f"{', '.join(f'{v:.1f}' for v in compile_s)} s; TorchInductor disk cache "
+              f"{'/'.join('warm' if r['inductor_cache_warm'] else 'cold' for r in comp_runs)}), not in the wall "
+              "time above: a run of `dinomed segment --compile` adds it once per volume shape and process.")
     names = []
     for r in rows:
         names += [k for k in r["stages"] if k not in names]
     print("\nStages, seconds per whole volume (the `dinomed segment --profile` markers; medians):\n")
-    print("| stage | " + " | ".join(r["model"].split(" (")[0] for r in rows) + " |")
+    print("| stage | " + " | ".join(r["short"] for r in rows) + " |")
     print("| --- |" + " ---: |" * len(rows))
     for k in names:
         print(f"| {k} | " + " | ".join(f"{r['stages'][k]:.2f}" if k in r["stages"] else "-" for r in rows) + " |")
@@ -451,11 +489,12 @@ def main(argv=None) -> int:
               f"{model_slices_full} model-grid slices; every other stage comes from whole-volume runs of "
               f"`segment_files` with {pipeline_dir.name} (a trained model, so post-processing and lesion statistics "
               "see realistic label maps; random ViT weights would give noise).")
-    if any("extrapolated" in r["ran"] for r in rows[1:]):
+    if unet_row is not None and "extrapolated" in unet_row["ran"]:
         print("U-Net: model time scaled by the window count, the other stages by the voxel count.")
     if args.json:
         Path(args.json).write_text(json.dumps({"matmul_gflops": peak, "rows": rows, "vit_runs": vit_runs,
-                                               "unet_runs": unet_runs, "pipeline_runs": pipe_runs}, indent=2))
+                                               "unet_runs": unet_runs, "pipeline_runs": pipe_runs,
+                                               "compiled_runs": comp_runs}, indent=2))
     return 0
 
 

@@ -145,3 +145,102 @@ def test_prepared_model_gives_the_labels_of_the_plain_path(decoder):
     clear = (top2[:, 0] - top2[:, 1]).numpy() > 1e-4  # float rounding may only flip near-ties
     assert clear.mean() > 0.99
     np.testing.assert_array_equal(got[clear], expected[clear])
+
+
+def _compile_case(depth: int = 10, size=(40, 36)):
+    """A tiny MedDINOv3 with the official decoder, its model.json, and the normalised PET/CT input of a phantom."""
+    import torch
+
+    from dinomed.inference.predict import prepare_for_inference
+    from dinomed.inference.segment import model_channels
+    from dinomed.models import build_model, model_json_template
+    from dinomed.synthetic import make_phantom
+
+    torch.manual_seed(3)
+    phantom = make_phantom(12, shape=(depth, *size), n_lesions=2)
+    model = build_model({"name": "meddinov3", "backbone": "vit_tiny", "in_chans": 2, "num_classes": 10,
+                         "decoder": "patch_decode"})
+    model = prepare_for_inference(model, "cpu")
+    model_json = model_json_template(model, name="t", labels=label_entries(), inference={"batch_size": 4})
+    pet = sitk.Resample(phantom.pet, phantom.ct, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return model, model_json, model_channels(model_json, phantom.ct, pet)
+
+
+@pytest.mark.slow
+def test_compiled_forward_gives_the_eager_labels(tmp_path, monkeypatch):
+    """``predict_volume(compile=True)``: torch.compile (real TorchInductor, a real C++ build) on batches of 4 with
+    the last batch of 2 padded; the labels equal the eager model's, the first batch was checked, the compiled code
+    went to the cache folder, and the 'compile' stage is kept out of 'model'."""
+    from dinomed.inference import compiled as compiled_mod
+    from dinomed.inference.predict import predict_volume
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model, model_json, channels = _compile_case()
+    eager = predict_volume(model, model_json, channels)
+    made = []
+    real = compiled_mod.CompiledForward
+    monkeypatch.setattr(compiled_mod, "CompiledForward", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    logs, warns = [], []
+    with profiling() as profile:
+        got = predict_volume(model, model_json, channels, compile=True, log=logs.append, warn=warns.append)
+    assert warns == []
+    forward = made[0]
+    assert forward.status == "compiled" and forward.batch_size == 4 and forward.label_mismatch <= 1e-4
+    np.testing.assert_array_equal(got, eager)
+    assert any("cached in" in m for m in logs) and any("compiled in" in m for m in logs)
+    assert any((tmp_path / "inductor").rglob("*")), "TorchInductor wrote nothing to the cache folder"
+    stages = profile.as_dict()["stages"]
+    assert stages["compile"] >= forward.compile_seconds * 0.9 and stages["model"] < stages["compile"]
+
+
+@pytest.mark.slow
+def test_compiled_forward_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch):
+    """A compiler that is not there (TorchInductor's real C++ build pointed at a missing g++) and a compiled result
+    that fails the check both end in the eager model's labels and one warning that says why."""
+    import torch._inductor.config as inductor_config
+
+    from dinomed.inference import compiled as compiled_mod
+    from dinomed.inference.predict import predict_volume
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model, model_json, channels = _compile_case(depth=9, size=(36, 44))  # shapes no other test compiled
+    eager = predict_volume(model, model_json, channels)
+
+    warns = []
+    with inductor_config.patch({"cpp.cxx": (str(tmp_path / "no-such-g++"),), "fx_graph_cache": False}):
+        got = predict_volume(model, model_json, channels, compile=True, warn=warns.append)
+    np.testing.assert_array_equal(got, eager)
+    assert len(warns) == 1 and "compilation failed" in warns[0] and "uncompiled (eager)" in warns[0]
+
+    warns = []
+    monkeypatch.setattr(compiled_mod, "LOGIT_TOLERANCE", -1.0)  # no compiled result can pass a negative tolerance
+    got = predict_volume(model, model_json, channels, compile=True, warn=warns.append)
+    np.testing.assert_array_equal(got, eager)
+    assert len(warns) == 1 and "differs from the eager model" in warns[0]
+
+
+def test_compile_option_is_off_by_default_and_3d_models_say_they_run_eager(monkeypatch):
+    import torch
+
+    from dinomed.cli import build_parser
+    from dinomed.inference.predict import predict_volume
+    from dinomed.models import build_model, model_json_template
+
+    monkeypatch.delenv("DINOMED_COMPILE", raising=False)
+    parser = build_parser()
+    base = ["segment", "--model", "m", "--ct", "ct.nii.gz", "--out", "o.nii.gz"]
+    assert parser.parse_args(base).compile is False
+    assert parser.parse_args(base + ["--compile"]).compile is True
+    monkeypatch.setenv("DINOMED_COMPILE", "1")
+    assert build_parser().parse_args(base).compile is True
+
+    torch.manual_seed(0)
+    model = build_model({"name": "slicewise3d", "backbone": "vit_tiny", "in_chans": 1, "num_classes": 3,
+                         "decoder_channels": [16, 16, 8, 8]}).eval()
+    model_json = model_json_template(model, name="t3d", labels=label_entries()[:2],
+                                     inference={"roi_size": [4, 32, 32], "batch_size": 1})
+    image = np.random.default_rng(0).standard_normal((1, 6, 40, 36)).astype(np.float32)
+    eager = predict_volume(model, model_json, image)
+    warns = []
+    np.testing.assert_array_equal(predict_volume(model, model_json, image, compile=True, warn=warns.append), eager)
+    assert warns == ["--compile applies to slice-wise (2D) models; this 3D model runs uncompiled (eager)"]

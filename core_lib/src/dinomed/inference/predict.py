@@ -59,11 +59,18 @@ def predict_volume(
     *,
     amp: str | None = "auto",
     progress: Callable[[int, int], None] | None = None,
+    compile: bool = False,
+    log: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> np.ndarray:
     """Segment a whole volume. ``channels``: the model input ``(C, Z, Y, X)`` (or a list of ``(Z, Y, X)``) in
     ``model.json`` input order, normalised by :func:`dinomed.preprocess.normalize_channels` with the
     ``preprocessing.channels`` specs. Returns the label map ``(Z, Y, X)`` uint8 in the model's label values
-    (0 = background). The model runs on its own device; ``progress(done, total)`` counts slices."""
+    (0 = background). The model runs on its own device; ``progress(done, total)`` counts slices.
+
+    ``compile``: run a 2D model's slices through :class:`dinomed.inference.compiled.CompiledForward` (opt-in
+    ``torch.compile``, checked against the eager model on the first batch, eager again on any failure; ``log`` and
+    ``warn`` receive its messages). 3D models always run eager."""
     image = check_channels(model_json, channels)
     infer = model_json.get("inference", {})
     mode = infer.get("mode", "slicewise2d")
@@ -71,8 +78,11 @@ def predict_volume(
     model.eval()
     try:
         if mode == "slicewise2d":
-            return _predict_slices(model, image, int(infer.get("batch_size", 8)), amp, progress)
+            return _predict_slices(model, image, int(infer.get("batch_size", 8)), amp, progress,
+                                   compile=compile, log=log, warn=warn)
         if mode == "sliding3d":
+            if compile and warn is not None:
+                warn("--compile applies to slice-wise (2D) models; this 3D model runs uncompiled (eager)")
             roi = [int(v) for v in infer.get("roi_size", [32, 128, 128])]
             return _predict_sliding(model, image, roi, float(infer.get("overlap", 0.25)),
                                     int(infer.get("batch_size", 1)), amp, progress)
@@ -87,19 +97,25 @@ def predict_volume(
 CPU_PIXELS_PER_FORWARD = 4 * 512 * 512
 
 
-def _predict_slices(model, image: np.ndarray, batch_size: int, amp, progress) -> np.ndarray:
+def _predict_slices(model, image: np.ndarray, batch_size: int, amp, progress, *, compile: bool = False,
+                    log=None, warn=None) -> np.ndarray:
     device = model_device(model)
     depth = image.shape[1]
     out = np.zeros(image.shape[1:], dtype=np.uint8)
     chunk = batch_size
     if device.type == "cpu":
         chunk = max(1, min(batch_size, CPU_PIXELS_PER_FORWARD // max(1, image.shape[2] * image.shape[3])))
+    forward = model
+    if compile:
+        from .compiled import CompiledForward
+
+        forward = CompiledForward(model, min(chunk, depth), log=log, warn=warn)
     for start in range(0, depth, max(1, batch_size)):
         stop = min(depth, start + batch_size)
         for lo in range(start, stop, chunk):
             hi = min(stop, lo + chunk)
             batch = torch.from_numpy(np.ascontiguousarray(image[:, lo:hi].transpose(1, 0, 2, 3))).to(device)
-            out[lo:hi] = slice_labels(model, batch, amp)
+            out[lo:hi] = slice_labels(forward, batch, amp)
             del batch
         if progress is not None:
             progress(stop, depth)
@@ -131,8 +147,9 @@ def prepare_for_inference(model: nn.Module, device: torch.device | str | None = 
 # wall time could not be measured reliably on the shared development machine (README, measured figures).
 
 
-def slice_labels(model: nn.Module, batch: torch.Tensor, amp=None) -> np.ndarray:
-    """The label map ``(B, H, W)`` uint8 of a batch of slices ``(B, C, H, W)`` on the model's device."""
+def slice_labels(model: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, amp=None) -> np.ndarray:
+    """The label map ``(B, H, W)`` uint8 of a batch of slices ``(B, C, H, W)`` on the model's device (``model``: the
+    module or a :class:`dinomed.inference.compiled.CompiledForward` of it)."""
     with autocast_for(batch.device, amp):
         logits = model(batch)
     with stage("argmax"):

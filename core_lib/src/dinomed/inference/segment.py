@@ -353,16 +353,21 @@ def segment_images(
     pet_on_ct: sitk.Image | None = None,
     *,
     progress: Callable[[int, int], None] | None = None,
+    compile: bool = False,
+    log: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> sitk.Image:
     """The post-processed label map (uint8) of ``model`` on the CT grid for a CT and a PET already on that grid.
 
-    The model runs on the device its parameters are on, in the precision :func:`autocast_dtype` gives there.
+    The model runs on the device its parameters are on, in the precision :func:`autocast_dtype` gives there;
+    ``compile``, ``log``, ``warn``: see :func:`dinomed.inference.predict.predict_volume`.
     """
     from .predict import model_device, predict_volume
 
     grid = model_grid(ct, model_json.get("preprocessing"))  # target spacing and high-resolution input scale
     channels = model_channels(model_json, ct, pet_on_ct, grid)
-    predicted = predict_volume(model, model_json, channels, amp=amp_setting(model_device(model)), progress=progress)
+    predicted = predict_volume(model, model_json, channels, amp=amp_setting(model_device(model)), progress=progress,
+                               compile=compile, log=log, warn=warn)
     del channels
     predicted = np.asarray(predicted)
     if predicted.max(initial=0) > 255 or predicted.min(initial=0) < 0:
@@ -388,6 +393,7 @@ def segment_files(
     events=None,
     ct_series: str | None = None,
     pet_series: str | None = None,
+    compile: bool = False,
 ) -> SegmentationResult:
     """``dinomed segment``: segment the CT (and PET) files with the model folder and write the outputs.
 
@@ -396,7 +402,7 @@ def segment_files(
     before the model runs; nothing is written when an input is bad, and no output may name an input.
     ``ct_series`` / ``pet_series`` pick a series (SeriesInstanceUID) of a DICOM folder that holds several.
     Suspicious inputs (see :mod:`dinomed.safety`) are warned about and listed under ``warnings`` in the label
-    table.
+    table. ``compile``: the opt-in compiled forward pass (:mod:`dinomed.inference.compiled`; ``--compile``).
     """
     from ..safety import ct_warnings, dicom_modality, pet_warnings, refuse_ct_as_pet, refuse_output_over_input
 
@@ -473,7 +479,8 @@ def segment_files(
     def progress(done: int, total: int) -> None:
         events.progress(done, total, "slices" if model_json.get("inference", {}).get("mode", "slicewise2d") == "slicewise2d" else "windows")
 
-    labels = segment_images(model, model_json, ct, pet, progress=progress)
+    labels = segment_images(model, model_json, ct, pet, progress=progress, compile=compile, log=events.log,
+                            warn=events.warning)  # about this run, not the inputs: not in the label table
     del model
 
     lesions = []

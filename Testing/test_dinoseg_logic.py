@@ -111,6 +111,21 @@ def test_lesion_table_holds_the_values_of_dinomed_lesions(scene, logic, phantom,
                                      float(rows[0]["centroid_z_mm"])])
 
 
+def test_segment_command_is_what_dinomed_segment_parses(logic, monkeypatch):
+    """The Lib's command line (with and without the module's "Compile the model" box) is accepted by dinomed's
+    real parser and means what the module asked for."""
+    from dinomed.cli import build_parser
+
+    monkeypatch.delenv("DINOMED_COMPILE", raising=False)
+    for compile_model in (False, True):
+        args = logic.segment_command("model", "ct.nrrd", "seg.nrrd", "pet.nrrd", "lesions.csv", "cpu",
+                                     compile=compile_model)
+        parsed = build_parser().parse_args(args)
+        assert (parsed.model, parsed.ct, parsed.out, parsed.pet, parsed.stats, parsed.device) == (
+            "model", "ct.nrrd", "seg.nrrd", "pet.nrrd", "lesions.csv", "cpu")
+        assert parsed.compile is compile_model
+
+
 @pytest.mark.slow  # two torch child processes
 def test_segment_with_a_tiny_model(scene, logic, phantom, tmp_path):
     from dinomed.models import build_model, model_json_template, save_model_folder

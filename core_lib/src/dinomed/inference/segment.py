@@ -186,7 +186,7 @@ def model_channels(model_json: dict, ct: sitk.Image, pet: sitk.Image | None, gri
 
     mods = modalities(model_json)
     specs = (model_json.get("preprocessing") or {}).get("channels") or [default_spec(m) for m in mods]
-    arrays = []
+    arrays, keep = [], []
     for mod in mods:
         if mod == "CT":
             image = ct
@@ -200,13 +200,17 @@ def model_channels(model_json: dict, ct: sitk.Image, pet: sitk.Image | None, gri
         else:
             raise DinomedError(f"model {model_json.get('name', '?')!r}: unsupported input modality {mod!r}; expected CT or PET")
         if grid is not None:
-            resampled = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), grid, sitk.Transform(), sitk.sitkLinear,
+            # straight from the stored type: the linear interpolator computes in double either way, so a float32
+            # cast first gives the same voxels and costs a whole-volume copy
+            resampled = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear,
                                       -1000.0 if mod == "CT" else 0.0, sitk.sitkFloat32)
-            # a copy: a view would outlive the resampled image it looks into (freed at the next channel)
-            arrays.append(sitk.GetArrayFromImage(resampled))
+            keep.append(resampled)  # the view below looks into it: kept alive until the channels are normalised
+            arrays.append(sitk.GetArrayViewFromImage(resampled))
         else:
             arrays.append(sitk.GetArrayViewFromImage(image))  # ct and pet outlive this function
-    return normalize_channels(arrays, specs)
+    out = normalize_channels(arrays, specs)
+    del arrays, keep
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

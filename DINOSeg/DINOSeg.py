@@ -144,7 +144,6 @@ class DINOSegParameterNode:
     petOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     modelsDirectory: pathlib.Path
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
-    compileModel: bool = False
     featureLayer: Annotated[int, WithinRange(-1, 47)] = -1
     backbonePath: str = ""
     segmentation: vtkMRMLSegmentationNode
@@ -356,9 +355,8 @@ class DINOSegWidget(ParameterNodeWidget):
                 return
             self.ui.logTextEdit.clear()
             ct, pet, model, device = p.ctVolume, p.petVolume, self.ui.modelSelector.currentData, p.device
-            compile_model = p.compileModel
             self._startJob("Segmenting", lambda **callbacks: self.logic.lib.start_segmentation(
-                ct, model, pet=pet, device=device, compile=compile_model, **callbacks), self._onSegmentationFinished)
+                ct, model, pet=pet, device=device, **callbacks), self._onSegmentationFinished)
 
     def _onSegmentationFinished(self, task) -> None:
         result = self.logic.lib.finish_segmentation(task)

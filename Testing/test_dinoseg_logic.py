@@ -112,8 +112,8 @@ def test_lesion_table_holds_the_values_of_dinomed_lesions(scene, logic, phantom,
 
 
 def test_segment_command_is_what_dinomed_segment_parses(logic, monkeypatch):
-    """The Lib's command line (with and without the module's "Compile the model" box) is accepted by dinomed's
-    real parser and means what the module asked for."""
+    """The Lib's command line (with and without ``compile``, dinomed's opt-in compiled model) is accepted by
+    dinomed's real parser and means what the Lib was asked for."""
     from dinomed.cli import build_parser
 
     monkeypatch.delenv("DINOMED_COMPILE", raising=False)

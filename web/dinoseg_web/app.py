@@ -27,7 +27,7 @@ for _path in (REPO_ROOT / "DINOSeg",):
 from trame.app import TrameApp  # noqa: E402
 from trame.widgets import html  # noqa: E402
 from trame.widgets.vuetify3 import (  # noqa: E402
-    VAlert, VBtn, VCard, VCardText, VCardTitle, VCheckbox, VCombobox, VDivider, VProgressLinear, VSelect, VSlider,
+    VAlert, VBtn, VCard, VCardText, VCardTitle, VCombobox, VDivider, VProgressLinear, VSelect, VSlider,
     VTextField,
 )
 from trame_server.utils.asynchronous import create_task  # noqa: E402
@@ -206,7 +206,6 @@ class DINOSegWebApp(TrameApp):
         s.model = None
         s.devices = list(DEVICES)
         s.device = "auto"
-        s.compile_model = False
         s.job_running = False
         s.job_kind = ""
         s.progress = 0
@@ -302,9 +301,6 @@ class DINOSegWebApp(TrameApp):
                     html.Div(f"Your models folder: {self.models_dir}", classes="text-caption mb-2")
                     VSelect(label="Device", v_model=("device",), items=("devices",), density="compact",
                             hide_details=True, id="device-select", classes="mb-2")
-                    VCheckbox(label="Compile the model (faster on whole volumes on a CPU; the first run compiles "
-                              "for about a minute, cached)", v_model=("compile_model",), density="compact",
-                              hide_details=True, id="compile-checkbox", classes="mb-2")
                     VBtn("Segment", click=self.on_segment, id="segment-button", color="primary", size="small",
                          disabled=("!case_loaded || job_running || !model",), classes="mr-2")
                     VBtn("Cancel", click=self.on_cancel, id="cancel-button", size="small", color="error",
@@ -532,8 +528,7 @@ class DINOSegWebApp(TrameApp):
             info = read_model_info(s.model)
             pet = self.pet if info.needs_pet or (self.pet is not None and info.lesion_labels) else None
             self._segment_clicked_at = time.monotonic()
-            task = self.lib.start_segmentation(self.ct, info.path, pet=pet, device=s.device,
-                                               compile=bool(s.compile_model))
+            task = self.lib.start_segmentation(self.ct, info.path, pet=pet, device=s.device)
             self.model_info = info
             self._start("Segmentation", task, self._on_segmented)
         except Exception as exc:

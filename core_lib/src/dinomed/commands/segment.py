@@ -27,10 +27,11 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--events", action="store_true", help="write JSON-lines events on stdout (progress, artifact, done)")
     p.add_argument("--compile", action="store_true", default=os.environ.get("DINOMED_COMPILE", "") not in ("", "0"),
-                   help="compile the model with torch.compile (TorchInductor) before running it: faster on whole "
-                   "volumes once compiled; the first run on a machine spends tens of seconds compiling (cached for "
-                   "later runs); checked against the uncompiled model on the first batch, which is used on any "
-                   "failure. Default: off, or on when DINOMED_COMPILE=1")
+                   help="experimental: compile a 2D model with torch.compile (TorchInductor) before running it. "
+                   "Each run spends 20-50 s compiling (less when the code is cached) for a model part 2-25%% faster "
+                   "on a 2-core CPU, so it did not pay for one volume there (README, Measured figures). Checked "
+                   "against the uncompiled model on the first batch, which is used on any failure. Default: off, "
+                   "or on when DINOMED_COMPILE=1")
     p.add_argument("--profile", action="store_true",
                    help="time each stage (read, resample, normalise, model, argmax, post-process, lesion statistics, "
                    "write): a table on stderr, and the seconds under 'stages' in the done event")

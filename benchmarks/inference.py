@@ -370,10 +370,9 @@ def main(argv=None) -> int:
     model_slices_run = max(1, round(gz * n_slices / depth))
     # the compiled runs: the first batch (compilation + the eager check) is the 'compile' stage, so they run one
     # batch more and their 'model' stage covers the slices after it
-    from dinomed.inference.predict import CPU_PIXELS_PER_FORWARD
+    from dinomed.inference.predict import slices_per_forward
 
-    first_batch = args.batch_size if device.type != "cpu" else max(
-        1, min(args.batch_size, CPU_PIXELS_PER_FORWARD // max(1, gx * gy)))
+    first_batch = slices_per_forward(device, args.batch_size, gy, gx)
     comp_ct, comp_model_slices = vit_ct, model_slices_run
     if args.compile:
         if n_slices < depth:

@@ -181,9 +181,8 @@ class DINOSegLogic:
         return ct, pet
 
     # -- segmentation ---------------------------------------------------------------------------------
-    def segment_command(self, model_dir, ct_path, out_path, pet_path=None, stats_path=None, device="auto",
-                        compile: bool = False) -> list[str]:
-        """``dinomed segment`` arguments (``compile``: ``--compile``, the opt-in compiled model)."""
+    def segment_command(self, model_dir, ct_path, out_path, pet_path=None, stats_path=None, device="auto") -> list[str]:
+        """``dinomed segment`` arguments."""
         if device not in DEVICES:
             raise DINOSegError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
         args = ["segment", "--model", str(model_dir), "--ct", str(ct_path), "--out", str(out_path), "--device", device]
@@ -191,12 +190,9 @@ class DINOSegLogic:
             args += ["--pet", str(pet_path)]
         if stats_path is not None:
             args += ["--stats", str(stats_path)]
-        if compile:
-            args.append("--compile")
         return args
 
-    def start_segmentation(self, ct, model_dir, pet=None, device: str = "auto", compile: bool = False,
-                           name: str | None = None,
+    def start_segmentation(self, ct, model_dir, pet=None, device: str = "auto", name: str | None = None,
                            work_dir: str | os.PathLike | None = None,
                            on_event: Callable[[dict], None] | None = None,
                            on_finish: Callable[[SegmentationJob], None] | None = None) -> SegmentationJob:
@@ -214,8 +210,7 @@ class DINOSegLogic:
         out_path = work / "segmentation.nrrd"
         stats_path = work / "lesions.csv" if pet is not None and model.lesion_labels else None
         task: SegmentationJob | None = None
-        job = self.make_job(self.segment_command(model.path, ct_path, out_path, pet_path, stats_path, device,
-                                                compile),
+        job = self.make_job(self.segment_command(model.path, ct_path, out_path, pet_path, stats_path, device),
                             title="Segmentation", temp_paths=[] if work_dir else [work], on_event=on_event,
                             on_finish=(lambda _job: on_finish(task)) if on_finish else None)
         task = SegmentationJob(ct=ct, pet=pet, model=model, work_dir=work, out_path=out_path, stats_path=stats_path,

@@ -52,7 +52,7 @@ class CompiledForward:
 
     ``log(message)`` and ``warn(message)`` report what happens (default: nothing). ``status`` is ``"pending"``
     before the first batch, then ``"compiled"`` or ``"eager"``; ``compile_seconds`` the time the first batch took
-    (compilation, the compiled run and the eager check); ``reason`` why the eager model is used."""
+    (compilation, the compiled run and the eager check)."""
 
     def __init__(self, model: nn.Module, batch_size: int, *, log: Callable[[str], None] | None = None,
                  warn: Callable[[str], None] | None = None):
@@ -61,7 +61,6 @@ class CompiledForward:
         self.log = log or (lambda message: None)
         self.warn = warn or (lambda message: None)
         self.status = "pending"
-        self.reason = ""
         self.compile_seconds = 0.0
         self.label_mismatch = 0.0
         self._compiled = None
@@ -73,7 +72,7 @@ class CompiledForward:
         return torch.cat([batch, batch.new_zeros((missing, *batch.shape[1:]))])
 
     def _fallback(self, reason: str) -> None:
-        self.status, self.reason, self._compiled = "eager", reason, None
+        self.status, self._compiled = "eager", None
         self.warn(f"--compile: {reason}; running the model uncompiled (eager)")
 
     def _first(self, batch: torch.Tensor) -> torch.Tensor:

@@ -97,14 +97,19 @@ def predict_volume(
 CPU_PIXELS_PER_FORWARD = 4 * 512 * 512
 
 
+def slices_per_forward(device: torch.device, batch_size: int, height: int, width: int) -> int:
+    """Slices of ``height`` x ``width`` per forward pass: the batch, cut to :data:`CPU_PIXELS_PER_FORWARD` on the CPU."""
+    if device.type != "cpu":
+        return batch_size
+    return max(1, min(batch_size, CPU_PIXELS_PER_FORWARD // max(1, height * width)))
+
+
 def _predict_slices(model, image: np.ndarray, batch_size: int, amp, progress, *, compile: bool = False,
                     log=None, warn=None) -> np.ndarray:
     device = model_device(model)
     depth = image.shape[1]
     out = np.zeros(image.shape[1:], dtype=np.uint8)
-    chunk = batch_size
-    if device.type == "cpu":
-        chunk = max(1, min(batch_size, CPU_PIXELS_PER_FORWARD // max(1, image.shape[2] * image.shape[3])))
+    chunk = slices_per_forward(device, batch_size, image.shape[2], image.shape[3])
     forward = model
     if compile:
         from .compiled import CompiledForward
@@ -143,8 +148,8 @@ def prepare_for_inference(model: nn.Module, device: torch.device | str | None = 
 
 
 # Not set by default: THP_MEM_ALLOC_ENABLE=1 (read by torch at its first allocation) puts torch's large CPU blocks on
-# transparent huge pages (~120k page faults per 512x512 slice of the demo model became 2.4-3.8k); its effect on the
-# wall time could not be measured reliably on the shared development machine (README, measured figures).
+# transparent huge pages (~120k page faults per 512x512 slice of the demo model became 2.4-3.8k), but the ViT-S ran
+# slower with it on the development machine (benchmarks/thp.py; README, measured figures).
 
 
 def slice_labels(model: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, amp=None) -> np.ndarray:

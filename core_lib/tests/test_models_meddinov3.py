@@ -35,6 +35,35 @@ def test_patch_decode_is_the_official_decoder():
     assert abs(n / 1e6 - 25.1) < 0.05  # the issue's figure for the official PatchDecode at ViT-B
 
 
+@pytest.mark.parametrize("hw, chunk", [((3, 5), 4), ((4, 4), 128), ((2, 7), 1)])
+def test_token_major_decoder_equals_the_modules(hw, chunk, monkeypatch):
+    """Inference runs PatchDecode token by token in chunks of token rows (forward_token_major): the same logits as
+    the transposed convolutions, LayerNorm2d and GELU run as modules, for token grids that the chunks do not divide;
+    the model takes that path under no_grad / inference_mode on the CPU and the module path when training."""
+    torch.manual_seed(0)
+    dec = PatchDecode(48, 5).eval()
+    for p in dec.parameters():  # non-trivial norms and biases
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 48, *hw)
+    ref = dec(x)  # grad enabled: the modules
+    assert ref.requires_grad
+    with torch.no_grad():
+        fast = dec.forward_token_major(x, chunk_tokens=chunk)
+    assert fast.shape == ref.shape == (2, 5, hw[0] * 16, hw[1] * 16)
+    torch.testing.assert_close(fast, ref.detach(), rtol=1e-4, atol=1e-4)
+    assert torch.equal(fast.argmax(1), ref.argmax(1))
+    model = build_model(CFG).eval()
+    img = torch.randn(1, 2, 40, 56)
+    train_path = model(img)
+    calls = []
+    orig = PatchDecode.forward_token_major
+    monkeypatch.setattr(PatchDecode, "forward_token_major", lambda self, t: calls.append(t.shape) or orig(self, t))
+    with torch.inference_mode():
+        infer = model(img)
+    assert calls == [(1, 256, 3, 4)]  # 4 x 64 channels on the 3 x 4 token grid of the padded 48 x 64 input
+    torch.testing.assert_close(infer, train_path.detach(), rtol=1e-4, atol=1e-4)
+
+
 def test_one_training_step():
     """(Save → load of every registered model: test_models_registry.py.)"""
     torch.manual_seed(0)

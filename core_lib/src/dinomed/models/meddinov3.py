@@ -71,9 +71,49 @@ class PatchDecode(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self.forward_token_major(x)
         for stage in self.stages:
             x = stage(x)
         return self.classifier(x)
+
+    @torch.no_grad()
+    def forward_token_major(self, x: torch.Tensor, chunk_tokens: int = 128) -> torch.Tensor:
+        """The same decoder computed token by token, what inference (no autograd) runs.
+
+        A 2×2 stride-2 transposed convolution has no overlap, the LayerNorm is over the channels of one pixel and GELU
+        and the 1×1 classifier act per pixel, so each token's 16×16 output patch depends on that token alone: every
+        stage is one matrix product ``(pixels, C_in) @ (C_in, 4·C_out)`` on token-major rows followed by a LayerNorm
+        over the contiguous last dimension, and the patches are placed into the image once, at the end. Run over a
+        few token rows at a time (``chunk_tokens``), the intermediates stay small and in cache instead of four
+        full-resolution NCHW maps (94 M values for eight 256² ViT-S slices) allocated, permuted for LayerNorm2d and
+        freed each batch. Measured on 2 CPU threads, eight 256² ViT-S slices: 871 → 634 ms, same logits within 1e-5
+        (``benchmarks/inference.py``; tests check it against :meth:`forward` through the modules). CPU only: on a GPU
+        the modules run as they are (the per-chunk loop would cost kernel launches; not measured there).
+        """
+        b, c, h, w = x.shape
+        n = len(self.stages)
+        s = 2 ** n
+        k = self.classifier.out_channels
+        stages = [(conv.weight.permute(0, 2, 3, 1).reshape(conv.in_channels, 4 * conv.out_channels),
+                   conv.bias.repeat(4), norm, act.approximate) for conv, norm, act in self.stages]
+        w_cls = self.classifier.weight.reshape(k, -1).t()
+        tokens = x.permute(0, 2, 3, 1)  # (B, h, w, C): a view
+        out = x.new_empty(b, k, h * s, w * s)
+        rows = max(1, chunk_tokens // w)
+        # patch layout of the last product: (row, col, i1, j1, ..., in, jn, class) -> (class, row, i1..in, col, j1..jn)
+        order = [2 * n + 2, 0, *range(2, 2 * n + 2, 2), 1, *range(3, 2 * n + 3, 2)]
+        for i in range(b):
+            for y0 in range(0, h, rows):
+                y1 = min(h, y0 + rows)
+                t = tokens[i, y0:y1].reshape(-1, c)
+                for weight, bias, norm, approximate in stages:
+                    t = torch.addmm(bias, t, weight).view(-1, weight.shape[1] // 4)
+                    t = nn.functional.gelu(nn.functional.layer_norm(t, t.shape[1:], norm.weight, norm.bias, norm.eps),
+                                           approximate=approximate)
+                t = torch.addmm(self.classifier.bias, t, w_cls).view(y1 - y0, w, *([2] * (2 * n)), k)
+                out[i, :, y0 * s:y1 * s].view(k, y1 - y0, *([2] * n), w, *([2] * n)).copy_(t.permute(*order))
+        return out
 
 
 def upgrade_meddinov3(arch: dict) -> dict:

@@ -172,7 +172,11 @@ def _target_grid(ct: sitk.Image, target_spacing) -> sitk.Image | None:
 def labels_to_reference(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
     """A label map on the model grid put back onto ``reference`` (the CT grid) by nearest neighbour: the result has
     the reference's size, spacing, origin and direction exactly; outside the model grid is background."""
-    out = sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    from ..petct.axis_resample import resample_axis_aligned
+
+    out = resample_axis_aligned(labels, reference, "nearest", 0, sitk.sitkUInt8)  # same axes: 3x faster
+    if out is None:
+        out = sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     out.CopyInformation(reference)
     return out
 

@@ -68,6 +68,15 @@ def resample_to_reference(
         out = sitk.Image(image)
         out.CopyInformation(reference)
         return out
+    if interpolator == "nearest" or (interpolator == "linear"
+                                     and np.prod(reference.GetSize()) >= np.prod(image.GetSize())):
+        # grids that share their axes: separable and slab by slab (dinomed.petct.axis_resample); for linear only
+        # when upsampling (a PET onto its CT), where it is 2x faster; onto a coarser grid SimpleITK is faster
+        from .axis_resample import resample_axis_aligned
+
+        fast = resample_axis_aligned(image, reference, interpolator, default_value)
+        if fast is not None:
+            return fast
     return sitk.Resample(
         image,
         reference,
@@ -85,6 +94,11 @@ def field_of_view_mask(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
         ones = sitk.Image(reference.GetSize(), sitk.sitkUInt8) + 1
         ones.CopyInformation(reference)
         return ones
+    from .axis_resample import field_of_view_box
+
+    box = field_of_view_box(image, reference)  # grids that share their axes: a box of index ranges
+    if box is not None:
+        return box
     ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(image)
     return sitk.Resample(ones, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)

@@ -1,0 +1,121 @@
+"""The separable resampler for grids that share their axes (dinomed.petct.axis_resample) against SimpleITK's
+``Resample`` voxel by voxel: linear within float32 rounding, nearest neighbour and the field-of-view box equal,
+the geometry of the reference exactly; grids it does not handle are left to SimpleITK."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from dinomed.petct import field_of_view_mask, resample_to_reference
+from dinomed.petct.axis_resample import axis_indices, field_of_view_box, resample_axis_aligned
+from dinomed.inference.segment import labels_to_reference, model_grid
+
+FLIP = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, -1.0)
+PERMUTED = (0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def _image(array: np.ndarray, spacing, origin, direction=None) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(o) for o in origin])
+    if direction is not None:
+        image.SetDirection(direction)
+    return image
+
+
+def _grid(size, spacing, origin, direction=None) -> sitk.Image:
+    return _image(np.zeros(size[::-1], dtype=np.uint8), spacing, origin, direction)
+
+
+def _cases(seed: int, n: int):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        direction = [None, FLIP, PERMUTED][i % 3]
+        size_in = rng.integers(5, 24, 3)
+        spacing_in = rng.uniform(0.6, 3.0, 3)
+        size_out = rng.integers(5, 40, 3)
+        spacing_out = rng.uniform(0.4, 3.0, 3)
+        origin_in = rng.uniform(-20, 20, 3)
+        # the output box overlaps the input and reaches past it on some sides (offset along the image's own axes)
+        d = np.eye(3) if direction is None else np.asarray(direction).reshape(3, 3)
+        origin_out = origin_in + d @ (rng.uniform(-0.3, 0.6, 3) * size_in * spacing_in)
+        yield size_in, spacing_in, origin_in, size_out, spacing_out, origin_out, direction
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_linear_equals_simpleitk(seed):
+    rng = np.random.default_rng(100 + seed)
+    for size_in, sp_in, o_in, size_out, sp_out, o_out, direction in _cases(seed, 9):
+        image = _image(rng.uniform(-5, 20, size_in[::-1]).astype(np.float32), sp_in, o_in, direction)
+        reference = _grid(size_out, sp_out, o_out, direction)
+        expected = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, -3.0, sitk.sitkFloat32)
+        got = resample_axis_aligned(image, reference, "linear", -3.0, sitk.sitkFloat32, threads=2)
+        for key in ("GetSize", "GetOrigin", "GetSpacing", "GetDirection"):
+            assert getattr(got, key)() == getattr(expected, key)()
+        a, b = sitk.GetArrayViewFromImage(expected), sitk.GetArrayViewFromImage(got)
+        assert b.dtype == np.float32
+        assert (a == -3.0).sum() > 0 and (a != -3.0).sum() > 0  # both inside and outside the input's extents
+        np.testing.assert_allclose(b, a, rtol=0, atol=2e-5)
+
+
+def test_linear_from_an_integer_ct_onto_a_coarser_grid():
+    """The CT (int16 HU) onto a model grid as dinomed segment builds it (model_grid), float32 out."""
+    rng = np.random.default_rng(3)
+    ct = _image(rng.integers(-1024, 1500, (12, 40, 36)).astype(np.int16), (0.74, 0.74, 1.0), (-12.0, 5.0, 30.0), FLIP)
+    grid = model_grid(ct, {"target_spacing": [1.5, 1.5, 1.0]})
+    expected = sitk.Resample(ct, grid, sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkFloat32)
+    got = resample_axis_aligned(ct, grid, "linear", -1000.0, sitk.sitkFloat32)
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(got), sitk.GetArrayViewFromImage(expected), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_nearest_equals_simpleitk_voxel_for_voxel(seed):
+    rng = np.random.default_rng(200 + seed)
+    for size_in, sp_in, o_in, size_out, sp_out, o_out, direction in _cases(seed + 10, 9):
+        labels = _image(rng.integers(0, 6, size_in[::-1]).astype(np.uint8), sp_in, o_in, direction)
+        reference = _grid(size_out, sp_out, o_out, direction)
+        expected = sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        got = resample_axis_aligned(labels, reference, "nearest", 0, sitk.sitkUInt8)
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(got), sitk.GetArrayViewFromImage(expected))
+        box = field_of_view_box(labels, reference)
+        ones = sitk.Image(labels.GetSize(), sitk.sitkUInt8) + 1
+        ones.CopyInformation(labels)
+        fov = sitk.Resample(ones, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(box), sitk.GetArrayViewFromImage(fov))
+
+
+def test_labels_back_onto_the_ct_grid_exactly():
+    """dinomed segment's path: the model-grid labels put back onto the CT are the CT's grid and SimpleITK's voxels."""
+    rng = np.random.default_rng(5)
+    ct = _image(np.zeros((20, 50, 46), np.int16), (0.7465, 0.7465, 1.0), (-215.86, -201.27, -493.2))
+    grid = model_grid(ct, {"target_spacing": [1.5, 1.5, 1.0]})
+    labels = _image(rng.integers(0, 4, grid.GetSize()[::-1]).astype(np.uint8), grid.GetSpacing(), grid.GetOrigin())
+    back = labels_to_reference(labels, ct)
+    expected = sitk.Resample(labels, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    assert back.GetSize() == ct.GetSize() and back.GetOrigin() == ct.GetOrigin()
+    assert back.GetSpacing() == ct.GetSpacing() and back.GetDirection() == ct.GetDirection()
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(expected))
+
+
+def test_grids_it_does_not_handle_go_to_simpleitk():
+    rng = np.random.default_rng(7)
+    pet = _image(rng.uniform(0, 10, (6, 8, 9)).astype(np.float32), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    oblique = _grid((10, 12, 8), (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), (0.9950042, -0.0998334, 0.0, 0.0998334, 0.9950042,
+                                                                     0.0, 0.0, 0.0, 1.0))
+    assert axis_indices(pet, oblique) is None and resample_axis_aligned(pet, oblique, "linear") is None
+    assert field_of_view_box(pet, oblique) is None
+    straight = _grid((10, 12, 8), (1.0, 1.0, 1.0), (1.0, 1.0, 1.0))
+    assert resample_axis_aligned(pet, straight, "bspline") is None
+    assert resample_axis_aligned(pet, straight, "linear", 0, sitk.sitkInt16) is None  # ITK's integer cast: not ours
+    vector = sitk.Compose(pet, pet)
+    assert resample_axis_aligned(vector, straight, "nearest") is None
+    # resample_to_reference and field_of_view_mask still give SimpleITK's answer on the oblique grid
+    expected = sitk.Resample(pet, oblique, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    got = resample_to_reference(pet, oblique)  # (kept in a name: an array view does not keep its image alive)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(got), sitk.GetArrayViewFromImage(expected))
+    assert field_of_view_mask(pet, oblique).GetSize() == oblique.GetSize()
+    # and on a straight grid the fast path's answer, which is SimpleITK's within float32 rounding
+    expected = sitk.Resample(pet, straight, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    got = resample_to_reference(pet, straight)
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(got), sitk.GetArrayViewFromImage(expected), rtol=0, atol=1e-5)

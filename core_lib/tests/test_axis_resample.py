@@ -50,7 +50,11 @@ def test_linear_equals_simpleitk(seed):
         image = _image(rng.uniform(-5, 20, size_in[::-1]).astype(np.float32), sp_in, o_in, direction)
         reference = _grid(size_out, sp_out, o_out, direction)
         expected = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, -3.0, sitk.sitkFloat32)
+        before = sitk.GetArrayFromImage(image)
         got = resample_axis_aligned(image, reference, "linear", -3.0, sitk.sitkFloat32, threads=2)
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(image), before)  # the input is only read
+        again = resample_axis_aligned(image, reference, "linear", -3.0, sitk.sitkFloat32, threads=1)
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(again), sitk.GetArrayViewFromImage(got))
         for key in ("GetSize", "GetOrigin", "GetSpacing", "GetDirection"):
             assert getattr(got, key)() == getattr(expected, key)()
         a, b = sitk.GetArrayViewFromImage(expected), sitk.GetArrayViewFromImage(got)

@@ -27,6 +27,7 @@ vector pixels, another interpolator); callers then use ``sitk.Resample``.
 """
 from __future__ import annotations
 
+import ctypes
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -89,13 +90,18 @@ def resample_axis_aligned(image: sitk.Image, reference: sitk.Image, interpolator
         return None
     pixel_type = image.GetPixelID() if pixel_type is None else pixel_type
     out_dtype = sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], pixel_type)).dtype
+    if interpolator == "linear" and np.issubdtype(out_dtype, np.integer):
+        return None  # ITK's cast of interpolated values to integers is not reproduced here
     source = sitk.GetArrayViewFromImage(image)  # (z, y, x)
     nz, ny, nx = source.shape
-    size_x, size_y, size_z = reference.GetSize()
-    out = np.full((size_z, size_y, size_x), default_value, dtype=out_dtype)
+    result = sitk.Image(reference.GetSize(), pixel_type)  # zero-filled; written in place (one volume, not two)
+    result.CopyInformation(reference)
+    out = _writable_array(result)
+    if default_value != 0:
+        out[...] = default_value
     inside = [_inside(cs[0], nx), _inside(cs[1], ny), _inside(cs[2], nz)]
     if any(s.stop <= s.start for s in inside):
-        return _as_image(out, reference)
+        return result
     cx, cy, cz = (c[s] for c, s in zip(cs, inside))
     target = out[inside[2], inside[1], inside[0]]  # a view: slabs are written into it
     if interpolator == "nearest":
@@ -104,8 +110,6 @@ def resample_axis_aligned(image: sitk.Image, reference: sitk.Image, interpolator
         def slab(z0: int, z1: int) -> None:
             target[z0:z1] = source[iz[z0:z1]][:, iy][:, :, ix]
     else:
-        if np.issubdtype(out_dtype, np.integer):
-            return None  # ITK's cast of interpolated values to integers is not reproduced here
         wx, wy, wz = _linear_weights(cx, nx), _linear_weights(cy, ny), _linear_weights(cz, nz)
         wy_col = wy[2][:, None]
 
@@ -132,13 +136,16 @@ def resample_axis_aligned(image: sitk.Image, reference: sitk.Image, interpolator
     else:
         for z0 in starts:
             slab(z0, min(depth, z0 + step))
-    return _as_image(out, reference)
+    return result
 
 
-def _as_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
-    image = sitk.GetImageFromArray(array)
-    image.CopyInformation(reference)
-    return image
+def _writable_array(image: sitk.Image) -> np.ndarray:
+    """A writable ``(z, y, x)`` array on the pixel buffer of ``image``, which must outlive it. SimpleITK offers
+    only a read-only view (``GetArrayViewFromImage``, which also makes the buffer the image's own); writing through
+    it saves allocating, touching and copying a second whole volume (``GetImageFromArray``)."""
+    view = sitk.GetArrayViewFromImage(image)
+    buffer = (ctypes.c_char * view.nbytes).from_address(view.__array_interface__["data"][0])
+    return np.frombuffer(buffer, dtype=view.dtype).reshape(view.shape)
 
 
 def field_of_view_box(image: sitk.Image, reference: sitk.Image) -> sitk.Image | None:
@@ -147,8 +154,8 @@ def field_of_view_box(image: sitk.Image, reference: sitk.Image) -> sitk.Image | 
     cs = axis_indices(image, reference)
     if cs is None:
         return None
-    size = image.GetSize()
-    out = np.zeros(reference.GetSize()[::-1], dtype=np.uint8)
-    sx, sy, sz = (_inside(c, n) for c, n in zip(cs, size))
-    out[sz, sy, sx] = 1
-    return _as_image(out, reference)
+    result = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
+    result.CopyInformation(reference)
+    sx, sy, sz = (_inside(c, n) for c, n in zip(cs, image.GetSize()))
+    _writable_array(result)[sz, sy, sx] = 1
+    return result

@@ -1,6 +1,7 @@
 """The separable resampler for grids that share their axes (dinomed.petct.axis_resample) against SimpleITK's
 ``Resample`` voxel by voxel: linear within float32 rounding, nearest neighbour and the field-of-view box equal,
-the geometry of the reference exactly; grids it does not handle are left to SimpleITK."""
+the geometry of the reference exactly; grids it does not handle are left to SimpleITK. Also the other fast parts of
+dinomed segment's post-processing: label bounding boxes (as scipy's find_objects) and label counts."""
 from __future__ import annotations
 
 import numpy as np
@@ -123,3 +124,31 @@ def test_grids_it_does_not_handle_go_to_simpleitk():
     expected = sitk.Resample(pet, straight, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     got = resample_to_reference(pet, straight)
     np.testing.assert_allclose(sitk.GetArrayViewFromImage(got), sitk.GetArrayViewFromImage(expected), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_values", [1, 3, 6])
+def test_label_boxes_equal_find_objects(n_values):
+    """The bounding boxes that post-processing and lesion statistics label components in: the projection path
+    (up to FEW_LABELS values) and scipy's find_objects give the same slices, absent values give None."""
+    from scipy import ndimage
+
+    from dinomed.inference.segment import label_counts
+    from dinomed.petct.lesions import FEW_LABELS, label_boxes
+
+    rng = np.random.default_rng(n_values)
+    array = np.zeros((40, 33, 37), dtype=np.uint8)
+    for value in range(1, 8):
+        for _ in range(3):
+            z, y, x = rng.integers(0, 36), rng.integers(0, 30), rng.integers(0, 34)
+            array[z:z + rng.integers(1, 5), y:y + rng.integers(1, 4), x:x + rng.integers(1, 4)] = value
+    array[-1, -1, -1] = 2  # a box that reaches the last voxel
+    array[array == 5] = 0  # an absent value
+    values = [1, 2, 5, 7, 6, 4][:n_values]
+    got = label_boxes(array, values)
+    found = ndimage.find_objects(array)
+    for v in values:
+        expected = found[v - 1] if v <= len(found) else None
+        assert got[v] == expected, (v, got[v], expected)
+    assert (n_values <= FEW_LABELS) or len(values) > FEW_LABELS
+    counts = label_counts(sitk.GetImageFromArray(array))
+    np.testing.assert_array_equal(counts, np.bincount(array.ravel(), minlength=256))

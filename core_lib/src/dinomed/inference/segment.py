@@ -249,9 +249,11 @@ def remove_small_components(labels: sitk.Image, minimum_voxels: dict[int, int]) 
     """``labels`` with every connected component (26-connected) of a label smaller than its minimum set to
     background 0; labels without a minimum are kept as they are.
 
-    One pass over the volume finds each label's bounding box (``scipy.ndimage.find_objects``); components are
-    labelled inside that box only, so a whole-body volume with small lesions costs about one pass."""
+    One pass over the volume finds each label's bounding box (:func:`dinomed.petct.lesions.label_boxes`); components
+    are labelled inside that box only, so a whole-body volume with small lesions costs about one pass."""
     from scipy import ndimage
+
+    from ..petct.lesions import label_boxes
 
     wanted = {int(v): int(m) for v, m in minimum_voxels.items() if int(m) > 1 and 0 < int(v) < 256}
     if not wanted:
@@ -259,10 +261,10 @@ def remove_small_components(labels: sitk.Image, minimum_voxels: dict[int, int]) 
     array = sitk.GetArrayFromImage(labels)
     if not np.issubdtype(array.dtype, np.integer) or array.min(initial=0) < 0:
         raise DinomedError(f"post-processing expects a label map of non-negative integers, found {array.dtype}")
-    boxes = ndimage.find_objects(array, max_label=max(wanted))
+    boxes = label_boxes(array, wanted)
     changed = False
     for value, minimum in sorted(wanted.items()):
-        box = boxes[value - 1] if value <= len(boxes) else None
+        box = boxes.get(value)
         if box is None:
             continue
         sub = array[box]  # a view: dropping a component writes into ``array``
@@ -295,9 +297,19 @@ def label_sidecar_path(seg_path: str | os.PathLike) -> Path:
 
 
 def label_counts(labels: sitk.Image) -> np.ndarray:
-    """Voxels per label value 0..255 of a uint8 label map, slab by slab (a whole-volume bincount would make an
-    int64 copy: 1.7 GB on 512x512x800)."""
+    """Voxels per label value 0..255 of a uint8 label map: ``torch.bincount`` on the image's buffer (on every core,
+    no copy: 0.12 vs 0.31 s for numpy on 512x512x300), other types with numpy slab by slab (a whole-volume bincount
+    would make an int64 copy: 1.7 GB on 512x512x800)."""
     array = sitk.GetArrayViewFromImage(labels)
+    if array.dtype == np.uint8 and array.flags.c_contiguous:
+        import warnings
+
+        import torch
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the view is read-only, and it is only read
+            flat = torch.from_numpy(array).reshape(-1)
+        return torch.bincount(flat, minlength=256).numpy().astype(np.int64)
     counts = np.zeros(256, dtype=np.int64)
     step = max(1, (16 << 20) // max(1, array[0].size))
     for start in range(0, array.shape[0], step):

@@ -76,7 +76,7 @@ _CHUNK = 16 << 20  # bytes per read while checking a NIfTI's voxel stream
 def check_nifti_stream(path: str | os.PathLike, finite: bool = True) -> None:
     """Read a NIfTI file's voxel stream once, in chunks, and refuse it when it is truncated (fewer bytes than
     the header's dimensions need, or a gzip stream that ends early or fails its CRC) or when a float volume
-    holds NaN or infinite values.
+    holds NaN or infinite values. An uncompressed integer file is not read: its size tells whether it is whole.
 
     ITK's NIfTI reader zero-fills a truncated file and reads NaN as 0 (both silently); nibabel parses the
     NIfTI-1/NIfTI-2 header (endianness, vox_offset, datatype) and gzip checks the stream, in constant memory.
@@ -98,28 +98,31 @@ def check_nifti_stream(path: str | os.PathLike, finite: bool = True) -> None:
     floating = finite and dtype.kind == "f"
     item = dtype.itemsize
     bad = got = 0
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as stream:
-            stream.seek(offset)
-            carry = b""
-            while True:
-                chunk = stream.read(_CHUNK)
-                if not chunk:
-                    break
-                got += len(chunk)
-                if floating:
-                    data = carry + chunk
-                    usable = len(data) - len(data) % item
-                    values = np.frombuffer(data[:usable], dtype=dtype)
-                    bad += int(values.size - np.count_nonzero(np.isfinite(values)))
-                    carry = data[usable:]
-    except (EOFError, OSError, zlib.error) as exc:
-        raise InputImageError(
-            f"{path}: the file is truncated or damaged: its compressed stream ends early or is corrupt "
-            f"({_first_line(exc) or type(exc).__name__}; the header describes {needed} voxel bytes); "
-            "copy or export it again"
-        ) from None
+    compressed = path.name.lower().endswith(".gz")
+    if not compressed and not floating:  # nothing to look at in the voxels: the file's size says if it is whole
+        got = max(0, path.stat().st_size - offset)
+    else:
+        try:
+            with (gzip.open if compressed else open)(path, "rb") as stream:
+                stream.seek(offset)
+                carry = b""
+                while True:
+                    chunk = stream.read(_CHUNK)
+                    if not chunk:
+                        break
+                    got += len(chunk)
+                    if floating:
+                        data = carry + chunk
+                        usable = len(data) - len(data) % item
+                        values = np.frombuffer(data[:usable], dtype=dtype)
+                        bad += int(values.size - np.count_nonzero(np.isfinite(values)))
+                        carry = data[usable:]
+        except (EOFError, OSError, zlib.error) as exc:
+            raise InputImageError(
+                f"{path}: the file is truncated or damaged: its compressed stream ends early or is corrupt "
+                f"({_first_line(exc) or type(exc).__name__}; the header describes {needed} voxel bytes); "
+                "copy or export it again"
+            ) from None
     if got < needed:
         raise InputImageError(
             f"{path}: the file is truncated: the header describes {shape} voxels ({needed} bytes) but only "

@@ -148,10 +148,19 @@ def test_remove_small_components_uses_millilitres_per_label():
     model_json = {"labels": label_entries(), "inference": {"min_component_ml": {"lesion": 0.1}}}
     minimum = min_component_voxels(model_json, image.GetSpacing())
     assert minimum == {1: 13}  # 0.1 ml / 0.008 ml per voxel = 12.5 -> 13 voxels
-    cleaned = sitk.GetArrayFromImage(remove_small_components(image, minimum))
+    shared = sitk.Image(image)  # shares the buffer until one of them is written
+    cleaned_image = remove_small_components(image, minimum)
+    cleaned = sitk.GetArrayFromImage(cleaned_image)
     assert cleaned[1:3, 1:3, 1:3].sum() == 0
     assert (cleaned[5:9, 5:10, 5:10] == 1).all()
     assert (cleaned[0, 15:17, 15:17] == 2).all()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), array)  # the input is left as it was
+    assert cleaned_image.GetSpacing() == image.GetSpacing()
+    # in place (dinomed segment, on the label map it made): the same voxels, written into that image only
+    same = remove_small_components(image, minimum, in_place=True)
+    assert same is image
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), cleaned)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(shared), array)
     # a number applies to every label
     assert min_component_voxels({"labels": label_entries(), "inference": {"min_component_ml": 0.016}}, (2, 2, 2))[2] == 2
 

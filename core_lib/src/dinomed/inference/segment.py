@@ -245,39 +245,45 @@ def min_component_voxels(model_json: dict, spacing) -> dict[int, int]:
 
 
 @timed_stage("post-process")
-def remove_small_components(labels: sitk.Image, minimum_voxels: dict[int, int]) -> sitk.Image:
+def remove_small_components(labels: sitk.Image, minimum_voxels: dict[int, int], in_place: bool = False) -> sitk.Image:
     """``labels`` with every connected component (26-connected) of a label smaller than its minimum set to
     background 0; labels without a minimum are kept as they are.
 
-    One pass over the volume finds each label's bounding box (:func:`dinomed.petct.lesions.label_boxes`); components
-    are labelled inside that box only, so a whole-body volume with small lesions costs about one pass."""
+    One pass over the volume finds where each label is (:func:`dinomed.petct.lesions.label_runs`); components are
+    labelled inside those boxes only, so a whole-body volume with small lesions costs about one pass. ``labels``
+    is not changed unless ``in_place`` (what ``dinomed segment`` does with the label map it made: no whole-volume
+    copy in and out)."""
     from scipy import ndimage
 
-    from ..petct.lesions import label_boxes
+    from ..petct.axis_resample import writable_array
+    from ..petct.lesions import label_runs
 
     wanted = {int(v): int(m) for v, m in minimum_voxels.items() if int(m) > 1 and 0 < int(v) < 256}
     if not wanted:
         return labels
-    array = sitk.GetArrayFromImage(labels)
-    if not np.issubdtype(array.dtype, np.integer) or array.min(initial=0) < 0:
+    array = sitk.GetArrayViewFromImage(labels)
+    if not np.issubdtype(array.dtype, np.integer) or (
+            not np.issubdtype(array.dtype, np.unsignedinteger) and array.min(initial=0) < 0):
         raise DinomedError(f"post-processing expects a label map of non-negative integers, found {array.dtype}")
-    boxes = label_boxes(array, wanted)
-    changed = False
+    runs = label_runs(array, wanted)
+    drops = []  # (box, mask of the voxels to clear inside it)
     for value, minimum in sorted(wanted.items()):
-        box = boxes.get(value)
-        if box is None:
-            continue
-        sub = array[box]  # a view: dropping a component writes into ``array``
-        components, count = ndimage.label(sub == value, structure=np.ones((3, 3, 3), dtype=bool))
-        small = np.bincount(components.ravel(), minlength=count + 1) < minimum
-        small[0] = False
-        if small.any():
-            sub[small[components]] = 0
-            changed = True
-    if not changed:
+        for box in runs.get(value, []):
+            components, count = ndimage.label(array[box] == value, structure=np.ones((3, 3, 3), dtype=bool))
+            small = np.bincount(components.ravel(), minlength=count + 1) < minimum
+            small[0] = False
+            if small.any():
+                drops.append((box, small[components]))
+    if not drops:
         return labels
-    out = sitk.GetImageFromArray(array)
-    out.CopyInformation(labels)
+    if in_place:
+        out = labels
+        target = writable_array(out)
+    else:
+        out = sitk.Image(labels)  # SimpleITK copies the buffer when it is written: ``labels`` stays as it was
+        target = writable_array(out)
+    for box, mask in drops:
+        target[box][mask] = 0
     return out
 
 
@@ -398,7 +404,7 @@ def segment_images(
         labels = labels_to_reference(labels, ct)
     else:
         labels.CopyInformation(ct)
-    labels = remove_small_components(labels, min_component_voxels(model_json, ct.GetSpacing()))
+    labels = remove_small_components(labels, min_component_voxels(model_json, ct.GetSpacing()), in_place=True)
     labels.CopyInformation(ct)
     return labels
 

@@ -96,7 +96,7 @@ def resample_axis_aligned(image: sitk.Image, reference: sitk.Image, interpolator
     nz, ny, nx = source.shape
     result = sitk.Image(reference.GetSize(), pixel_type)  # zero-filled; written in place (one volume, not two)
     result.CopyInformation(reference)
-    out = _writable_array(result)
+    out = writable_array(result)
     if default_value != 0:
         out[...] = default_value
     inside = [_inside(cs[0], nx), _inside(cs[1], ny), _inside(cs[2], nz)]
@@ -139,7 +139,7 @@ def resample_axis_aligned(image: sitk.Image, reference: sitk.Image, interpolator
     return result
 
 
-def _writable_array(image: sitk.Image) -> np.ndarray:
+def writable_array(image: sitk.Image) -> np.ndarray:
     """A writable ``(z, y, x)`` array on the pixel buffer of ``image``, which must outlive it. SimpleITK offers
     only a read-only view (``GetArrayViewFromImage``, which also makes the buffer the image's own); writing through
     it saves allocating, touching and copying a second whole volume (``GetImageFromArray``)."""
@@ -157,5 +157,5 @@ def field_of_view_box(image: sitk.Image, reference: sitk.Image) -> sitk.Image | 
     result = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
     result.CopyInformation(reference)
     sx, sy, sz = (_inside(c, n) for c, n in zip(cs, image.GetSize()))
-    _writable_array(result)[sz, sy, sx] = 1
+    writable_array(result)[sz, sy, sx] = 1
     return result

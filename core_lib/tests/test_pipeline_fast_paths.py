@@ -152,3 +152,34 @@ def test_label_boxes_equal_find_objects(n_values):
     assert (n_values <= FEW_LABELS) or len(values) > FEW_LABELS
     counts = label_counts(sitk.GetImageFromArray(array))
     np.testing.assert_array_equal(counts, np.bincount(array.ravel(), minlength=256))
+
+
+def test_components_labelled_in_runs_of_slices_equal_one_box(monkeypatch):
+    """Lesion statistics and small-component removal label each run of slices that holds a label on its own
+    (label_runs); forcing one bounding box per label (find_objects' path) gives the same rows in the same order
+    and the same cleaned label map."""
+    from dinomed.inference.segment import remove_small_components
+    from dinomed.petct import lesions
+    from dinomed.petct.lesions import label_runs, lesion_statistics
+
+    rng = np.random.default_rng(11)
+    array = np.zeros((48, 40, 44), dtype=np.uint8)
+    array[5:40, 3:30, 4:36] = 2  # an organ across many slices
+    for _ in range(14):  # scattered lesions, some touching, some one voxel
+        z, y, x = rng.integers(0, 45), rng.integers(0, 37), rng.integers(0, 41)
+        array[z:z + rng.integers(1, 4), y:y + rng.integers(1, 4), x:x + rng.integers(1, 4)] = 1
+    array[47, 39, 43] = 1
+    labels = _image(array, (1.5, 1.2, 2.0), (3.0, -4.0, 10.0))
+    pet = _image(rng.uniform(0, 12, array.shape).astype(np.float32), (1.5, 1.2, 2.0), (3.0, -4.0, 10.0))
+    runs = label_runs(array, [1, 2])
+    assert len(runs[1]) > 1 and len(runs[2]) == 1  # the lesions fall into several runs of slices
+    fast_rows = lesion_statistics(pet, labels, label_values=[1, 2])
+    fast_clean = sitk.GetArrayFromImage(remove_small_components(labels, {1: 5, 2: 3}))
+    monkeypatch.setattr(lesions, "FEW_LABELS", 0)  # one box per label from find_objects
+    assert all(len(v) == 1 for v in label_runs(array, [1, 2]).values())
+    box_rows = lesion_statistics(pet, labels, label_values=[1, 2])
+    box_clean = sitk.GetArrayFromImage(remove_small_components(labels, {1: 5, 2: 3}))
+    assert [r.as_dict() for r in fast_rows] == [r.as_dict() for r in box_rows]
+    assert sum(1 for r in fast_rows if r.label == 1 and r.lesion != "total") > 5
+    np.testing.assert_array_equal(fast_clean, box_clean)
+    assert (fast_clean != array).any()  # something was removed

@@ -77,6 +77,17 @@ def _lerp_last(a: np.ndarray, i0, i1, w) -> np.ndarray:
     return hi
 
 
+def _lerp_rows(block: np.ndarray, weights, column: np.ndarray) -> np.ndarray:
+    """Linear interpolation along the rows (axis 1) of ``(z, y, x)``: whole rows gathered (float32 result)."""
+    i0, i1, _ = weights
+    a = np.take(block, i0, axis=1).astype(np.float32, copy=False)
+    b = np.take(block, i1, axis=1).astype(np.float32, copy=False)
+    b -= a
+    b *= column
+    b += a
+    return b
+
+
 def resample_axis_aligned(image: sitk.Image, reference: sitk.Image, interpolator: str, default_value: float = 0.0,
                           pixel_type: int | None = None, threads: int | None = None) -> sitk.Image | None:
     """``image`` on ``reference``'s grid (``interpolator``: ``linear`` or ``nearest``), as ``sitk.Resample(image,
@@ -112,14 +123,16 @@ def resample_axis_aligned(image: sitk.Image, reference: sitk.Image, interpolator
     else:
         wx, wy, wz = _linear_weights(cx, nx), _linear_weights(cy, ny), _linear_weights(cz, nz)
         wy_col = wy[2][:, None]
+        rows_first = cy.size < ny
 
         def slab(z0: int, z1: int) -> None:
             lo, hi = int(wz[0][z0]), int(wz[1][z1 - 1]) + 1  # the input slices this slab reads
-            block = _lerp_last(source[lo:hi], *wx)  # (z_in, y_in, x_out)
-            a, b = np.take(block, wy[0], axis=1), np.take(block, wy[1], axis=1)  # (z_in, y_out, x_out): rows
-            b -= a
-            b *= wy_col
-            b += a  # b: the slab's input slices interpolated in-plane
+            block = source[lo:hi]
+            if rows_first:  # fewer rows out than in: gather the rows first, the columns of fewer rows after
+                block = _lerp_rows(block, wy, wy_col)
+                b = _lerp_last(block, *wx)
+            else:
+                b = _lerp_rows(_lerp_last(block, *wx), wy, wy_col)  # b: the slab's input slices, in-plane done
             for k in range(z0, z1):  # along z, straight into the output
                 out_k, first, second = target[k], b[wz[0][k] - lo], b[wz[1][k] - lo]
                 np.subtract(second, first, out=out_k)

@@ -183,3 +183,58 @@ def test_components_labelled_in_runs_of_slices_equal_one_box(monkeypatch):
     assert sum(1 for r in fast_rows if r.label == 1 and r.lesion != "total") > 5
     np.testing.assert_array_equal(fast_clean, box_clean)
     assert (fast_clean != array).any()  # something was removed
+
+
+def test_gzipped_nifti_read_with_one_decompression_equals_itk(tmp_path):
+    """read_image inflates a plain .nii.gz once, straight into the image (checked for truncation, CRC and NaN on
+    the way): the voxels, type and geometry ITK reads; big-endian files too; a scaled or multi-member file goes
+    through ITK's own reader after the check; damage is still refused."""
+    import gzip
+
+    import nibabel as nib
+
+    from dinomed.errors import InputImageError
+    from dinomed.io import read_image
+
+    rng = np.random.default_rng(0)
+    affine = np.array([[-0.8, 0, 0, 12.5], [0, -0.8, 0, -30.0], [0, 0, 2.0, -400.0], [0, 0, 0, 1]])
+    cases = {
+        "ct_int16": rng.integers(-1024, 3000, (21, 17, 9)).astype(np.int16),
+        "pet_float32": rng.uniform(0, 20, (21, 17, 9)).astype(np.float32),
+        "labels_uint8": rng.integers(0, 5, (21, 17, 9)).astype(np.uint8),
+        "big_endian": rng.integers(-1024, 3000, (21, 17, 9)).astype(">i2"),
+    }
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(data, affine), str(path))
+        got, expected = read_image(path), sitk.ReadImage(str(path))
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(got), sitk.GetArrayViewFromImage(expected))
+        assert got.GetPixelID() == expected.GetPixelID(), name
+        assert got.GetOrigin() == expected.GetOrigin() and got.GetSpacing() == expected.GetSpacing()
+        assert got.GetDirection() == expected.GetDirection()
+    # scaled intensities (ITK applies slope and intercept): ITK reads it
+    scaled = nib.Nifti1Image(cases["ct_int16"], affine)
+    scaled.header.set_slope_inter(2.0, -5.0)
+    nib.save(scaled, str(tmp_path / "scaled.nii.gz"))
+    got, expected = read_image(tmp_path / "scaled.nii.gz"), sitk.ReadImage(str(tmp_path / "scaled.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(got), sitk.GetArrayViewFromImage(expected))
+    # two gzip members (cat a.gz b.gz): ITK's reader after the check
+    raw = gzip.decompress((tmp_path / "ct_int16.nii.gz").read_bytes())
+    (tmp_path / "members.nii.gz").write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    got = read_image(tmp_path / "members.nii.gz")
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(got), cases["ct_int16"].T)
+    # damage: truncated, a flipped byte (CRC), NaN in a float volume
+    # (a volume big enough that ITK's header read stops long before the end of the stream)
+    nib.save(nib.Nifti1Image(rng.integers(-1024, 3000, (64, 64, 48)).astype(np.int16), affine), str(tmp_path / "big.nii.gz"))
+    assert read_image(tmp_path / "big.nii.gz").GetSize() == (64, 64, 48)
+    blob = (tmp_path / "big.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(blob[: len(blob) // 2])
+    flipped = bytearray(blob)
+    flipped[-8] ^= 0xFF  # the CRC-32 in the gzip trailer: only a check of the whole stream sees it
+    (tmp_path / "flipped.nii.gz").write_bytes(bytes(flipped))
+    nan = cases["pet_float32"].copy()
+    nan[3, 4, 5] = np.nan
+    nib.save(nib.Nifti1Image(nan, affine), str(tmp_path / "nan.nii.gz"))
+    for bad, words in [("cut", "truncated"), ("flipped", "damaged"), ("nan", "NaN")]:
+        with pytest.raises(InputImageError, match=words):
+            read_image(tmp_path / f"{bad}.nii.gz")

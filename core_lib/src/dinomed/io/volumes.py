@@ -84,16 +84,8 @@ def check_nifti_stream(path: str | os.PathLike, finite: bool = True) -> None:
     import gzip
     import zlib
 
-    import nibabel as nib
-
     path = Path(path)
-    try:
-        header = nib.load(str(path)).header
-        dtype = header.get_data_dtype()
-        offset = int(header.get_data_offset())
-        shape = tuple(int(v) for v in header.get_data_shape())
-    except Exception as exc:  # nibabel raises several types for a damaged header
-        raise InputImageError(f"{path}: not a readable NIfTI header ({_first_line(exc)})") from None
+    dtype, offset, shape = _nifti_layout(path)
     needed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     floating = finite and dtype.kind == "f"
     item = dtype.itemsize
@@ -118,21 +110,107 @@ def check_nifti_stream(path: str | os.PathLike, finite: bool = True) -> None:
                         bad += int(values.size - np.count_nonzero(np.isfinite(values)))
                         carry = data[usable:]
         except (EOFError, OSError, zlib.error) as exc:
-            raise InputImageError(
-                f"{path}: the file is truncated or damaged: its compressed stream ends early or is corrupt "
-                f"({_first_line(exc) or type(exc).__name__}; the header describes {needed} voxel bytes); "
-                "copy or export it again"
-            ) from None
+            raise _damaged(path, exc, needed) from None
+    _check_complete(path, shape, needed, got)
+    if bad:
+        raise _nonfinite(path, bad, int(np.prod(shape)))
+
+
+def _nifti_voxels(path: Path):
+    """nibabel's view of the file's voxel block (its ``dtype``, ``offset``, ``shape``, ``slope``, ``inter``), read
+    from the header only. (The header object of a loaded image says vox_offset 0; the proxy has the file's.)"""
+    import nibabel as nib
+
+    try:
+        return nib.load(str(path)).dataobj
+    except Exception as exc:  # nibabel raises several types for a damaged header
+        raise InputImageError(f"{path}: not a readable NIfTI header ({_first_line(exc)})") from None
+
+
+def _nifti_layout(path: Path, voxels=None):
+    """(dtype, voxel offset, shape) of a NIfTI file's voxel block."""
+    voxels = voxels if voxels is not None else _nifti_voxels(path)
+    return np.dtype(voxels.dtype), int(voxels.offset), tuple(int(v) for v in voxels.shape)
+
+
+def _damaged(path: Path, exc: BaseException, needed: int) -> InputImageError:
+    return InputImageError(
+        f"{path}: the file is truncated or damaged: its compressed stream ends early or is corrupt "
+        f"({_first_line(exc) or type(exc).__name__}; the header describes {needed} voxel bytes); "
+        "copy or export it again"
+    )
+
+
+def _check_complete(path: Path, shape, needed: int, got: int) -> None:
     if got < needed:
         raise InputImageError(
             f"{path}: the file is truncated: the header describes {shape} voxels ({needed} bytes) but only "
             f"{got} bytes follow; copy or export it again"
         )
-    if bad:
-        raise InputImageError(
-            f"{path}: {bad} of {int(np.prod(shape))} voxels are NaN or infinite; expected finite intensities "
-            "(a broken conversion; fix or mask them first)"
-        )
+
+
+def _nonfinite(path: Path, bad: int, total: int) -> InputImageError:
+    return InputImageError(
+        f"{path}: {bad} of {total} voxels are NaN or infinite; expected finite intensities "
+        "(a broken conversion; fix or mask them first)"
+    )
+
+
+def _read_gzipped_nifti_once(path: Path, reader: sitk.ImageFileReader, allow_nonfinite: bool) -> sitk.Image | None:
+    """A plain 3D ``.nii.gz`` (one scalar voxel type, no intensity scaling) checked as :func:`check_nifti_stream`
+    checks it and read with one decompression: the stream is inflated straight into the buffer of an image that
+    gets ITK's own geometry (``reader`` has read the header), instead of being inflated once by the check and once
+    more by ITK (512x512x800 CT: 2.9 s instead of 4.6 s here). None when the file is not that plain (scaled, 4D,
+    vector, several gzip members): ITK reads it after the check, as before."""
+    import zlib
+
+    from ..petct.axis_resample import writable_array
+
+    voxels = _nifti_voxels(path)
+    dtype, offset, shape = _nifti_layout(path, voxels)
+    if (float(voxels.slope) != 1.0 or float(voxels.inter) != 0.0 or len(shape) < 3 or any(v != 1 for v in shape[3:])
+            or tuple(shape[:3]) != tuple(reader.GetSize()) or reader.GetNumberOfComponents() != 1):
+        return None
+    image = sitk.Image(reader.GetSize(), reader.GetPixelID())
+    target = writable_array(image)
+    if target.dtype != dtype.newbyteorder("="):
+        return None  # ITK picked another voxel type than the file's
+    out = target.reshape(-1).view(np.uint8)
+    needed = out.size
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip: the trailer's CRC-32 and size are checked at the end
+    skip, got = offset, 0
+    try:
+        with open(path, "rb") as stream:
+            while not inflate.eof:
+                chunk = stream.read(_CHUNK)
+                if not chunk:
+                    break
+                data = inflate.decompress(chunk)
+                if skip:
+                    cut = min(skip, len(data))
+                    data, skip = data[cut:], skip - cut
+                take = min(len(data), needed - got)
+                out[got:got + take] = np.frombuffer(data, dtype=np.uint8, count=take)
+                got += take
+            if inflate.eof and (inflate.unused_data + stream.read(64)).strip(b"\0"):
+                return None  # another gzip member follows: Python's gzip reader and ITK handle that
+    except (OSError, zlib.error) as exc:
+        raise _damaged(path, exc, needed) from None
+    if not inflate.eof:
+        raise _damaged(path, EOFError("the compressed stream ends before its end marker"), needed)
+    _check_complete(path, shape, needed, got)
+    if not dtype.isnative:
+        target.byteswap(inplace=True)  # the file's byte order, read as it is, turned into this machine's
+    if not allow_nonfinite and dtype.kind == "f":
+        bad = int(target.size - np.count_nonzero(np.isfinite(target)))
+        if bad:
+            raise _nonfinite(path, bad, target.size)
+    image.SetOrigin(reader.GetOrigin())
+    image.SetSpacing(reader.GetSpacing())
+    image.SetDirection(reader.GetDirection())
+    for key in reader.GetMetaDataKeys():
+        image.SetMetaData(key, reader.GetMetaData(key))
+    return image
 
 
 def check_finite_voxels(image: sitk.Image, name: str) -> None:
@@ -171,7 +249,12 @@ def _read_file(path: Path, allow_nonfinite: bool = False) -> sitk.Image:
         )
     if dims != 3:
         raise InputImageError(f"{path}: expected a 3D volume, found a {dims}D image of size {reader.GetSize()}")
-    if reader.GetImageIO() == "NiftiImageIO" or path.name.lower().endswith(NIFTI_SUFFIXES):
+    nifti = reader.GetImageIO() == "NiftiImageIO" or path.name.lower().endswith(NIFTI_SUFFIXES)
+    if nifti and path.name.lower().endswith(".gz"):
+        image = _read_gzipped_nifti_once(path, reader, allow_nonfinite)
+        if image is not None:
+            return image
+    if nifti:
         check_nifti_stream(path, finite=not allow_nonfinite)
     try:
         return reader.Execute()

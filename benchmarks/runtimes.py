@@ -95,7 +95,7 @@ def main(argv=None) -> int:
             request = compiled_ov.create_infer_request()
             runtimes[f"OpenVINO {ov.__version__}"] = lambda: request.infer({0: xn})[compiled_ov.output(0)]
 
-        prepare_for_inference(model, "cpu")  # what dinomed segment runs: channels-last decoder on the CPU
+        prepare_for_inference(model, "cpu")  # what dinomed segment runs (PatchDecode token by token on the CPU)
         inductor_cache_dir()
         compiled = torch.compile(model, dynamic=False, options={"freezing": True})
         started = time.perf_counter()
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
             with torch.inference_mode():
                 return compiled(x).numpy()
 
-        runtimes = {"eager torch (channels-last decoder)": eager, "torch.compile (Inductor, freezing)": compiled_call,
+        runtimes = {"eager torch (what dinomed segment runs)": eager, "torch.compile (Inductor, freezing)": compiled_call,
                     **runtimes}
         for name, fn in runtimes.items():
             got = np.asarray(fn())
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
                 seconds[name].append(timed(fn, args.repeats))
 
     rate = statistics.median(rates)
-    eager_s = statistics.median(seconds["eager torch (channels-last decoder)"])
+    eager_s = statistics.median(seconds["eager torch (what dinomed segment runs)"])
     print(f"{args.arch} MedDINOv3 PatchDecode, batch {args.batch} x 2 x {args.size} x {args.size}, {gflop:.1f} GFLOP per "
           f"batch, {args.threads} thread(s), torch {torch.__version__}; fp32 matmul 2048^3: {rate:.0f} GFLOP/s "
           f"(median of {', '.join(f'{r:.0f}' for r in rates)}); {args.rounds} rounds x {args.repeats} calls, medians\n")

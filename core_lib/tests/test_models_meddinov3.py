@@ -3,6 +3,7 @@ parameters train; the earlier progressive decoder as a named option, and old mod
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,11 @@ def test_token_major_decoder_equals_the_modules(hw, chunk, monkeypatch):
     with torch.inference_mode():
         infer = model(img)
     assert calls == [(1, 256, 3, 4)]  # 4 x 64 channels on the 3 x 4 token grid of the padded 48 x 64 input
+    with torch.no_grad(), warnings.catch_warnings():  # a traced graph (torch.jit.trace, the ONNX exporter) keeps the modules
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model.decoder, torch.randn(1, 256, 3, 4), check_trace=False)
+    assert calls == [(1, 256, 3, 4)]
+    assert any(n.kind() == "aten::_convolution" for n in traced.inlined_graph.nodes())
     torch.testing.assert_close(infer, train_path.detach(), rtol=1e-4, atol=1e-4)
 
 

@@ -71,7 +71,8 @@ class PatchDecode(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if (x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing()):  # (traced and exported graphs keep the modules)
             return self.forward_token_major(x)
         for stage in self.stages:
             x = stage(x)

@@ -63,7 +63,7 @@ def test_token_major_decoder_equals_the_modules(hw, chunk, monkeypatch):
         infer = model(img)
     assert calls == [(1, 256, 3, 4)]  # 4 x 64 channels on the 3 x 4 token grid of the padded 48 x 64 input
     with torch.no_grad(), warnings.catch_warnings():  # a traced graph (torch.jit.trace, the ONNX exporter) keeps the modules
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore")  # TracerWarnings, and torch.jit.trace is deprecated
         traced = torch.jit.trace(model.decoder, torch.randn(1, 256, 3, 4), check_trace=False)
     assert calls == [(1, 256, 3, 4)]
     assert any(n.kind() == "aten::_convolution" for n in traced.inlined_graph.nodes())

@@ -127,13 +127,13 @@ def test_grids_it_does_not_handle_go_to_simpleitk():
 
 
 @pytest.mark.parametrize("n_values", [1, 3, 6])
-def test_label_boxes_equal_find_objects(n_values):
+def test_label_runs_bound_what_find_objects_finds(n_values):
     """The bounding boxes that post-processing and lesion statistics label components in: the projection path
     (up to FEW_LABELS values) and scipy's find_objects give the same slices, absent values give None."""
     from scipy import ndimage
 
     from dinomed.inference.segment import label_counts
-    from dinomed.petct.lesions import FEW_LABELS, label_boxes
+    from dinomed.petct.lesions import FEW_LABELS, label_runs
 
     rng = np.random.default_rng(n_values)
     array = np.zeros((40, 33, 37), dtype=np.uint8)
@@ -144,7 +144,9 @@ def test_label_boxes_equal_find_objects(n_values):
     array[-1, -1, -1] = 2  # a box that reaches the last voxel
     array[array == 5] = 0  # an absent value
     values = [1, 2, 5, 7, 6, 4][:n_values]
-    got = label_boxes(array, values)
+    got = {}  # the union of each value's runs is its bounding box
+    for v, runs in label_runs(array, values).items():
+        got[v] = tuple(slice(min(r[a].start for r in runs), max(r[a].stop for r in runs)) for a in range(3)) if runs else None
     found = ndimage.find_objects(array)
     for v in values:
         expected = found[v - 1] if v <= len(found) else None

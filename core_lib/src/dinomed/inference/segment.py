@@ -172,11 +172,12 @@ def _target_grid(ct: sitk.Image, target_spacing) -> sitk.Image | None:
 def labels_to_reference(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
     """A label map on the model grid put back onto ``reference`` (the CT grid) by nearest neighbour: the result has
     the reference's size, spacing, origin and direction exactly; outside the model grid is background."""
-    from ..petct.axis_resample import resample_axis_aligned
+    from ..petct import resample_to_reference
 
-    out = resample_axis_aligned(labels, reference, "nearest", 0, sitk.sitkUInt8)  # same axes: 3x faster
-    if out is None:
-        out = sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    if labels.GetPixelID() != sitk.sitkUInt8:
+        labels = sitk.Cast(labels, sitk.sitkUInt8)
+    out = resample_to_reference(labels, reference, "nearest", 0, name="the model-grid labels",
+                                reference_name="the CT")
     out.CopyInformation(reference)
     return out
 
@@ -255,8 +256,8 @@ def remove_small_components(labels: sitk.Image, minimum_voxels: dict[int, int], 
     copy in and out)."""
     from scipy import ndimage
 
-    from ..petct.axis_resample import writable_array
-    from ..petct.lesions import label_runs
+    from ..io.volumes import writable_array
+    from ..petct.lesions import CONNECTIVITY_26, label_runs
 
     wanted = {int(v): int(m) for v, m in minimum_voxels.items() if int(m) > 1 and 0 < int(v) < 256}
     if not wanted:
@@ -269,19 +270,16 @@ def remove_small_components(labels: sitk.Image, minimum_voxels: dict[int, int], 
     drops = []  # (box, mask of the voxels to clear inside it)
     for value, minimum in sorted(wanted.items()):
         for box in runs.get(value, []):
-            components, count = ndimage.label(array[box] == value, structure=np.ones((3, 3, 3), dtype=bool))
+            components, count = ndimage.label(array[box] == value, structure=CONNECTIVITY_26)
             small = np.bincount(components.ravel(), minlength=count + 1) < minimum
             small[0] = False
             if small.any():
                 drops.append((box, small[components]))
     if not drops:
         return labels
-    if in_place:
-        out = labels
-        target = writable_array(out)
-    else:
-        out = sitk.Image(labels)  # SimpleITK copies the buffer when it is written: ``labels`` stays as it was
-        target = writable_array(out)
+    # a copy shares the buffer until writable_array makes it the copy's own: ``labels`` stays as it was
+    out = labels if in_place else sitk.Image(labels)
+    target = writable_array(out)
     for box, mask in drops:
         target[box][mask] = 0
     return out

@@ -1,6 +1,7 @@
 """Volumes on disk <-> ``SimpleITK.Image`` with geometry; validation of what was read."""
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 from typing import Sequence
@@ -164,8 +165,6 @@ def _read_gzipped_nifti_once(path: Path, reader: sitk.ImageFileReader, allow_non
     is not that plain (scaled, 4D, vector, several gzip members): ITK reads it after the check, as before."""
     import zlib
 
-    from ..petct.axis_resample import writable_array
-
     voxels = _nifti_voxels(path)
     dtype, offset, shape = _nifti_layout(path, voxels)
     if (float(voxels.slope) != 1.0 or float(voxels.inter) != 0.0 or len(shape) < 3 or any(v != 1 for v in shape[3:])
@@ -211,6 +210,15 @@ def _read_gzipped_nifti_once(path: Path, reader: sitk.ImageFileReader, allow_non
     for key in reader.GetMetaDataKeys():
         image.SetMetaData(key, reader.GetMetaData(key))
     return image
+
+
+def writable_array(image: sitk.Image) -> np.ndarray:
+    """A writable ``(z, y, x)`` array on the pixel buffer of ``image``, which must outlive it. SimpleITK offers
+    only a read-only view (``GetArrayViewFromImage``, which also makes the buffer the image's own); writing through
+    it saves allocating, touching and copying a second whole volume (``GetImageFromArray``)."""
+    view = sitk.GetArrayViewFromImage(image)
+    buffer = (ctypes.c_char * view.nbytes).from_address(view.__array_interface__["data"][0])
+    return np.frombuffer(buffer, dtype=view.dtype).reshape(view.shape)
 
 
 def check_finite_voxels(image: sitk.Image, name: str) -> None:

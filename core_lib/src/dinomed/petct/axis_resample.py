@@ -27,11 +27,12 @@ vector pixels, another interpolator); callers then use ``sitk.Resample``.
 """
 from __future__ import annotations
 
-import ctypes
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import SimpleITK as sitk
+
+from ..io.volumes import writable_array
 
 DIRECTION_TOL = 1e-6  # direction cosines this close count as the same axes
 SLAB_VOXELS = 1 << 20  # output voxels per slab (4 MB of float32): slabs fill both cores and stay in cache
@@ -77,13 +78,12 @@ def _lerp_last(a: np.ndarray, i0, i1, w) -> np.ndarray:
     return hi
 
 
-def _lerp_rows(block: np.ndarray, weights, column: np.ndarray) -> np.ndarray:
+def _lerp_rows(block: np.ndarray, i0, i1, w) -> np.ndarray:
     """Linear interpolation along the rows (axis 1) of ``(z, y, x)``: whole rows gathered (float32 result)."""
-    i0, i1, _ = weights
     a = np.take(block, i0, axis=1).astype(np.float32, copy=False)
     b = np.take(block, i1, axis=1).astype(np.float32, copy=False)
     b -= a
-    b *= column
+    b *= w[:, None]
     b += a
     return b
 
@@ -122,17 +122,16 @@ def resample_axis_aligned(image: sitk.Image, reference: sitk.Image, interpolator
             target[z0:z1] = source[iz[z0:z1]][:, iy][:, :, ix]
     else:
         wx, wy, wz = _linear_weights(cx, nx), _linear_weights(cy, ny), _linear_weights(cz, nz)
-        wy_col = wy[2][:, None]
         rows_first = cy.size < ny
 
         def slab(z0: int, z1: int) -> None:
             lo, hi = int(wz[0][z0]), int(wz[1][z1 - 1]) + 1  # the input slices this slab reads
             block = source[lo:hi]
             if rows_first:  # fewer rows out than in: gather the rows first, the columns of fewer rows after
-                block = _lerp_rows(block, wy, wy_col)
+                block = _lerp_rows(block, *wy)
                 b = _lerp_last(block, *wx)
             else:
-                b = _lerp_rows(_lerp_last(block, *wx), wy, wy_col)  # b: the slab's input slices, in-plane done
+                b = _lerp_rows(_lerp_last(block, *wx), *wy)  # b: the slab's input slices, in-plane done
             for k in range(z0, z1):  # along z, straight into the output
                 out_k, first, second = target[k], b[wz[0][k] - lo], b[wz[1][k] - lo]
                 np.subtract(second, first, out=out_k)
@@ -150,15 +149,6 @@ def resample_axis_aligned(image: sitk.Image, reference: sitk.Image, interpolator
         for z0 in starts:
             slab(z0, min(depth, z0 + step))
     return result
-
-
-def writable_array(image: sitk.Image) -> np.ndarray:
-    """A writable ``(z, y, x)`` array on the pixel buffer of ``image``, which must outlive it. SimpleITK offers
-    only a read-only view (``GetArrayViewFromImage``, which also makes the buffer the image's own); writing through
-    it saves allocating, touching and copying a second whole volume (``GetImageFromArray``)."""
-    view = sitk.GetArrayViewFromImage(image)
-    buffer = (ctypes.c_char * view.nbytes).from_address(view.__array_interface__["data"][0])
-    return np.frombuffer(buffer, dtype=view.dtype).reshape(view.shape)
 
 
 def field_of_view_box(image: sitk.Image, reference: sitk.Image) -> sitk.Image | None:

@@ -124,16 +124,6 @@ def label_runs(array: np.ndarray, values: Iterable[int]) -> dict[int, list[Box]]
     return {v: _runs_of(array, v) for v in wanted}
 
 
-def label_boxes(array: np.ndarray, values: Iterable[int]) -> dict[int, Box | None]:
-    """The bounding box ``(z, y, x)`` of each positive label value (None when absent), as
-    ``scipy.ndimage.find_objects`` gives it: the union of :func:`label_runs`."""
-    out = {}
-    for value, runs in label_runs(array, values).items():
-        out[value] = None if not runs else tuple(
-            slice(min(r[a].start for r in runs), max(r[a].stop for r in runs)) for a in range(3))
-    return out
-
-
 def _runs_of(array: np.ndarray, value: int, slab: int = 16) -> list[Box]:
     depth = array.shape[0]
     rows = np.zeros(array.shape[:2], dtype=bool)  # (z, y): the value somewhere on that row of that slice

@@ -6,6 +6,7 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,53 @@ def test_token_major_decoder_equals_the_modules(hw, chunk, monkeypatch):
     assert calls == [(1, 256, 3, 4)]
     assert any(n.kind() == "aten::_convolution" for n in traced.inlined_graph.nodes())
     torch.testing.assert_close(infer, train_path.detach(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("hw, chunk", [((3, 5), 4), ((2, 7), 1), ((4, 4), 128)])
+def test_token_major_labels_are_the_argmax_of_the_logits(hw, chunk):
+    """forward_token_major(labels=True) takes the argmax per chunk before placing the patches: the same labels as
+    the placed logits' max(1).indices, for token grids the chunks do not divide, and the first class on a tie."""
+    torch.manual_seed(1)
+    dec = PatchDecode(192, 7).eval()  # the default init: labels that vary from pixel to pixel
+    x = torch.randn(2, 192, *hw)
+    with torch.no_grad():
+        logits = dec.forward_token_major(x, chunk_tokens=chunk)
+        labels = dec.forward_token_major(x, chunk_tokens=chunk, labels=True)
+    assert labels.dtype == torch.uint8 and labels.shape == (2, hw[0] * 16, hw[1] * 16)
+    assert len(labels.unique()) > 1
+    assert torch.equal(labels.long(), logits.max(dim=1).indices)
+    with torch.no_grad():  # ties: classes 2 and 5 equal everywhere and above the rest -> 2, as max(1) says
+        dec.classifier.weight.zero_()
+        dec.classifier.bias.copy_(torch.tensor([0.0, 1.0, 3.0, -1.0, 2.0, 3.0, 0.5]))
+        tie = dec.forward_token_major(x, chunk_tokens=chunk, labels=True)
+        assert torch.equal(dec.forward_token_major(x, chunk_tokens=chunk).max(dim=1).indices, torch.full_like(tie.long(), 2))
+    assert torch.equal(tie, torch.full_like(tie, 2))
+
+
+def test_predict_labels_equal_the_logits_labels_and_predict_volume_uses_them(monkeypatch):
+    """MedDINOv3.predict_labels: the labels of forward(x) cropped to the input (odd sizes pad to the patch), by the
+    token-major argmax under inference_mode and from the logits otherwise; slice_labels (predict_volume's) asks for
+    them, so the logits of a batch are never placed."""
+    from dinomed.inference.predict import class_labels, slice_labels
+
+    torch.manual_seed(0)
+    model = build_model(CFG).eval()
+    img = torch.randn(3, 2, 37, 50)
+    with torch.inference_mode():
+        logits = model(img)
+        direct = model.predict_labels(img)
+    assert direct.dtype == torch.uint8 and direct.shape == (3, 37, 50)
+    assert torch.equal(direct.long(), logits.max(dim=1).indices)
+    grad_path = model.predict_labels(img)  # autograd on: the modules, then the argmax of their logits
+    assert torch.equal(grad_path, logits.max(dim=1).indices)
+    calls = []
+    orig = PatchDecode.forward_token_major
+    monkeypatch.setattr(PatchDecode, "forward_token_major",
+                        lambda self, t, **kw: calls.append(kw) or orig(self, t, **kw))
+    with torch.inference_mode():
+        labels = slice_labels(model, img)
+    assert calls == [{"labels": True}]
+    assert labels.dtype == np.uint8 and (labels == class_labels(logits)).all()
 
 
 def test_one_training_step():

@@ -154,11 +154,16 @@ def prepare_for_inference(model: nn.Module, device: torch.device | str | None = 
 
 def slice_labels(model: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, amp=None) -> np.ndarray:
     """The label map ``(B, H, W)`` uint8 of a batch of slices ``(B, C, H, W)`` on the model's device (``model``: the
-    module or a :class:`dinomed.inference.compiled.CompiledForward` of it)."""
+    module or a :class:`dinomed.inference.compiled.CompiledForward` of it). A module with a ``predict_labels(x)``
+    method (the labels of its logits, the first largest on a tie, computed its own way: MedDINOv3 takes the argmax
+    before placing its decoder's patches) gives them directly."""
+    direct = getattr(model, "predict_labels", None) if isinstance(model, nn.Module) else None
     with autocast_for(batch.device, amp):
-        logits = model(batch)
+        out = direct(batch) if direct is not None else model(batch)
     with stage("argmax"):
-        return class_labels(logits)
+        if direct is not None:
+            return out.to("cpu", torch.uint8).numpy()
+        return class_labels(out)
 
 
 def _predict_sliding(model, image: np.ndarray, roi: list[int], overlap: float, batch_size: int, amp,

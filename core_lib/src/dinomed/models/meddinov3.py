@@ -71,15 +71,20 @@ class PatchDecode(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and not torch.jit.is_tracing()):  # (traced and exported graphs keep the modules)
+        if self.token_major_applies(x):
             return self.forward_token_major(x)
         for stage in self.stages:
             x = stage(x)
         return self.classifier(x)
 
     @torch.no_grad()
-    def forward_token_major(self, x: torch.Tensor, chunk_tokens: int = 128) -> torch.Tensor:
+    def token_major_applies(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward` runs :meth:`forward_token_major` for ``x``: on the CPU, without autograd, outside
+        torch.compile and tracing (traced and exported graphs keep the modules)."""
+        return (x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing())
+
+    def forward_token_major(self, x: torch.Tensor, chunk_tokens: int = 128, labels: bool = False) -> torch.Tensor:
         """The same decoder computed token by token, what inference (no autograd) runs.
 
         A 2×2 stride-2 transposed convolution has no overlap, the LayerNorm is over the channels of one pixel and GELU
@@ -91,6 +96,12 @@ class PatchDecode(nn.Module):
         freed each batch. Measured on 2 CPU threads, eight 256² ViT-S slices: 871 → 634 ms, same logits within 1e-5
         (``benchmarks/inference.py``; tests check it against :meth:`forward` through the modules). CPU only: on a GPU
         the modules run as they are (the per-chunk loop would cost kernel launches; not measured there).
+
+        ``labels``: return the label map ``(B, 16H, 16W)`` uint8 (the index of the largest logit, the first on a tie:
+        ``forward(x).max(1).indices``) instead of the logits: the argmax runs over each chunk's contiguous classes and
+        only one byte per pixel is placed into the image, instead of K floats placed and then reduced over a strided
+        class axis (eight 256² ViT-S slices, 10 classes: about 60 ms less per batch, measured in
+        ``benchmarks/inference.py``'s argmax and model stages).
         """
         b, c, h, w = x.shape
         n = len(self.stages)
@@ -99,7 +110,9 @@ class PatchDecode(nn.Module):
         stages = [(conv.weight.permute(0, 2, 3, 1).reshape(conv.in_channels, 4 * conv.out_channels),
                    conv.bias.repeat(4), norm, act.approximate) for conv, norm, act in self.stages]
         w_cls = self.classifier.weight.reshape(k, -1).t()
-        out = x.new_empty(b, k, h * s, w * s)
+        if labels and k > 256:
+            raise DinomedError(f"PatchDecode: a uint8 label map holds at most 256 classes, the classifier has {k}")
+        out = x.new_empty(b, h * s, w * s, dtype=torch.uint8) if labels else x.new_empty(b, k, h * s, w * s)
         # the first stage over the whole batch (its product is the largest and runs best with many rows: 2048 x 1536
         # x 3072 at 99% of a 2048^3 matmul, 80% in chunks of 128 tokens); its output (4 pixels per token) is small
         weight, bias, norm, approximate = stages[0]
@@ -110,6 +123,8 @@ class PatchDecode(nn.Module):
         rows = max(1, chunk_tokens // w)
         # patch layout of the last product: (row, col, i1, j1, ..., in, jn, class) -> (class, row, i1..in, col, j1..jn)
         order = [2 * n + 2, 0, *range(2, 2 * n + 2, 2), 1, *range(3, 2 * n + 3, 2)]
+        if labels:  # the same without the class axis
+            order = order[1:]
         for i in range(b):
             for y0 in range(0, h, rows):
                 y1 = min(h, y0 + rows)
@@ -118,8 +133,13 @@ class PatchDecode(nn.Module):
                     t = torch.addmm(bias, t, weight).view(-1, weight.shape[1] // 4)
                     t = nn.functional.gelu(nn.functional.layer_norm(t, t.shape[1:], norm.weight, norm.bias, norm.eps),
                                            approximate=approximate)
-                t = torch.addmm(self.classifier.bias, t, w_cls).view(y1 - y0, w, *([2] * (2 * n)), k)
-                out[i, :, y0 * s:y1 * s].view(k, y1 - y0, *([2] * n), w, *([2] * n)).copy_(t.permute(*order))
+                t = torch.addmm(self.classifier.bias, t, w_cls)
+                if labels:
+                    t = t.argmax(dim=1).to(torch.uint8).view(y1 - y0, w, *([2] * (2 * n)))
+                    out[i, y0 * s:y1 * s].view(y1 - y0, *([2] * n), w, *([2] * n)).copy_(t.permute(*order))
+                else:
+                    t = t.view(y1 - y0, w, *([2] * (2 * n)), k)
+                    out[i, :, y0 * s:y1 * s].view(k, y1 - y0, *([2] * n), w, *([2] * n)).copy_(t.permute(*order))
         return out
 
 
@@ -181,3 +201,16 @@ class MedDINOv3(nn.Module):
         feats = torch.cat(self.forward_features(x), dim=1)
         logits = self.decoder(feats, image=x) if self.detail else self.decoder(feats)
         return logits[..., :h, :w]
+
+    def predict_labels(self, x: torch.Tensor) -> torch.Tensor:
+        """The label map ``(B, H, W)`` (uint8 on the CPU with PatchDecode, else int64): ``forward(x).max(1).indices``
+        (the first largest logit on a tie), what :func:`dinomed.inference.predict.predict_volume` asks for. With
+        PatchDecode on the CPU without autograd the argmax is taken before the patches are placed
+        (:meth:`PatchDecode.forward_token_major` with ``labels=True``); otherwise from the logits."""
+        if not isinstance(self.decoder, PatchDecode) or not self.decoder.token_major_applies(x):
+            return self(x).max(dim=1).indices
+        check_input(x, 4, self.in_chans, "meddinov3")
+        h, w = x.shape[-2:]
+        x, _ = pad_to_patch(x)
+        feats = torch.cat(self.forward_features(x), dim=1)
+        return self.decoder.forward_token_major(feats, labels=True)[:, :h, :w]

@@ -109,7 +109,7 @@ def test_segment_profile_reports_every_stage(tmp_path, capsys):
     done = [json.loads(line) for line in captured.out.splitlines() if '"done"' in line][-1]
     stages = done["stages"]
     for name in ("read", "resample PET", "normalise", "model", "argmax", "post-process", "lesion statistics", "write",
-                 "load model", "other"):
+                 "load model", "import models", "other"):
         assert name in stages and stages[name] >= 0.0, name
     assert "lesion statistics" in captured.err and "wall" in captured.err
     assert label_entries()  # the model's labels are the phantom's

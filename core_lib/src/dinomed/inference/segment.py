@@ -37,6 +37,8 @@ from .profile import stage, timed_stage
 
 LABELS_FORMAT = "dinomed-labels/1"
 STATS_SUFFIXES = (".csv", ".json")
+# The profile stage of importing the model code (timm): paid once per process, reported apart by the benchmark.
+IMPORT_STAGE = "import models"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -434,7 +436,7 @@ def segment_files(
 
     from ..events import EventWriter
     from ..io import IMAGE_SUFFIXES, write_image
-    from ..models import load_model_folder, read_model_json
+    from ..models import available_models, load_model_folder, read_model_json
 
     events = events or EventWriter(enabled=False)
     started = time.perf_counter()
@@ -448,6 +450,10 @@ def segment_files(
     refuse_output_over_input(outputs, [("--ct", ct_path), ("--pet", pet_path), ("--model", Path(model_dir) / "model.json"),
                                        ("--model weights", Path(model_dir) / "model.safetensors")])
 
+    with stage(IMPORT_STAGE):
+        # the model modules, and timm with them (timm imports torchvision, which imports torch._dynamo): about 2 s the
+        # first time in a process, nothing after it (Slicer, the web server and a second volume pay it once)
+        available_models()
     model_json = read_model_json(model_dir)
     if not (Path(model_dir) / "model.safetensors").is_file():
         raise DinomedError(f"{model_dir}: model.safetensors is missing (the model folder holds only model.json)")

@@ -194,6 +194,7 @@ def _child_vit(queue, model_dir, ct, pet, device, threads, matmul_n, compile=Fal
 def _child_unet(queue, ct, pet, device, threads, crop, overlap, sw_batch, matmul_n):
     """The peer on the same inputs, through dinomed's own readers, resampling and normalisation (the same stage
     markers), then MONAI sliding windows and an argmax."""
+    import numpy
     import torch
     from monai.inferers import sliding_window_inference
 
@@ -217,7 +218,7 @@ def _child_unet(queue, ct, pet, device, threads, crop, overlap, sw_batch, matmul
             torch.manual_seed(0)
             net = build_dynunet().to(dev).eval()
         dtype = autocast_dtype(dev)
-        x = torch.from_numpy(channels[None]).to(dev)
+        x = torch.from_numpy(numpy.stack(channels)[None]).to(dev)
         with torch.inference_mode(), (torch.autocast(dev.type, dtype=dtype) if dtype else _null()):
             with stage("model"):
                 logits = sliding_window_inference(x, NNUNET_PATCH, sw_batch, net, overlap=overlap, mode="gaussian")

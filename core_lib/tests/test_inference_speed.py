@@ -133,7 +133,7 @@ def test_prepared_model_gives_the_labels_of_the_plain_path(decoder):
                          "decoder": decoder, "decoder_channels": [16, 16, 8, 8]}).eval()
     model_json = model_json_template(model, name="t", labels=label_entries(), inference={"batch_size": 4})
     pet = sitk.Resample(phantom.pet, phantom.ct, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    channels = model_channels(model_json, phantom.ct, pet)
+    channels = np.stack(model_channels(model_json, phantom.ct, pet))  # (C, Z, Y, X)
     with torch.inference_mode():
         plain = model(torch.from_numpy(np.ascontiguousarray(channels.transpose(1, 0, 2, 3))))
     expected = plain.argmax(dim=1).numpy().astype(np.uint8)

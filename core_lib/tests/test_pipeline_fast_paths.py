@@ -240,3 +240,61 @@ def test_gzipped_nifti_read_with_one_decompression_equals_itk(tmp_path):
     for bad, words in [("cut", "truncated"), ("flipped", "damaged"), ("nan", "NaN")]:
         with pytest.raises(InputImageError, match=words):
             read_image(tmp_path / f"{bad}.nii.gz")
+
+
+def test_model_input_normalised_in_the_resampled_images_buffers():
+    """model_channels on a model grid: each channel normalised in place in its resampled image's buffer (no stacked
+    copy), the same values as resampling then normalize_channel into a new array, the CT and PET untouched; the
+    arrays keep their images alive; predict_volume's check takes the list as it is."""
+    import gc
+
+    from dinomed.inference.predict import check_channels
+    from dinomed.inference.segment import model_channels
+    from dinomed.preprocess import default_spec, normalize_channel
+
+    rng = np.random.default_rng(3)
+    ct = _image(rng.integers(-1100, 1500, (12, 40, 36)).astype(np.int16), (0.8, 0.8, 2.0), (-10, 5, 30))
+    pet = _image(rng.gamma(2.0, 2.0, (12, 40, 36)).astype(np.float32), (0.8, 0.8, 2.0), (-10, 5, 30))
+    before = sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(pet)
+    mj = {"name": "t", "inputs": [{"modality": "CT"}, {"modality": "PET"}],
+          "preprocessing": {"target_spacing": [1.5, 1.5, 2.0]}}
+    grid = model_grid(ct, mj["preprocessing"])
+    channels = model_channels(mj, ct, pet, grid)
+    assert isinstance(channels, list) and len(channels) == 2
+    for array, image, mod, fill in zip(channels, (ct, pet), ("CT", "PET"), (-1000.0, 0.0)):
+        assert array.dtype == np.float32 and array.shape == grid.GetSize()[::-1]
+        base = array
+        while isinstance(base, np.ndarray):
+            base = base.base
+        assert isinstance(base.image, sitk.Image)  # the resampled image's own buffer
+        resampled = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, fill, sitk.sitkFloat32)
+        expected = normalize_channel(sitk.GetArrayViewFromImage(resampled), default_spec(mod))
+        np.testing.assert_array_equal(array, expected)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(ct), before[0])
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(pet), before[1])
+    copy = [c.copy() for c in channels]
+    gc.collect()  # nothing else holds the resampled images: the arrays do
+    np.testing.assert_array_equal(channels[1], copy[1])
+    checked = check_channels(mj, channels)
+    assert checked[0] is channels[0] and checked[1] is channels[1]  # not stacked, not copied
+    stacked = check_channels(mj, np.stack(copy))  # a (C, Z, Y, X) array still goes
+    np.testing.assert_array_equal(stacked[1], copy[1])
+    with pytest.raises(Exception, match="one shape"):
+        check_channels(mj, [copy[0], copy[1][:-1]])
+    with pytest.raises(Exception, match=r"reads 2 channel\(s\)"):
+        check_channels(mj, [copy[0]])
+
+
+def test_normalize_channel_in_place_equals_into_a_new_array():
+    from dinomed.errors import DinomedError
+    from dinomed.preprocess import default_spec, normalize_channel
+
+    rng = np.random.default_rng(4)
+    for mod, values in (("CT", rng.uniform(-1500, 2500, (9, 33, 31))), ("PET", rng.gamma(2.0, 3.0, (9, 33, 31)))):
+        array = values.astype(np.float32)
+        expected = normalize_channel(array, default_spec(mod))
+        assert not np.array_equal(expected, array)
+        assert normalize_channel(array, default_spec(mod), out=array) is array
+        np.testing.assert_array_equal(array, expected)
+    with pytest.raises(DinomedError, match="overlaps"):
+        normalize_channel(array[1:], default_spec("PET"), out=array[:-1])

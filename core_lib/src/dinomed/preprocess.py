@@ -31,9 +31,10 @@ def default_spec(modality: str) -> dict:
 def normalize_channel(array: np.ndarray, spec: dict, out: np.ndarray | None = None) -> np.ndarray:
     """Map one modality's intensities (HU or SUV) to the model's input range [-1, 1], as float32.
 
-    With ``out`` (a float32 array of the same shape) the result is written there in place; the work goes in
-    slabs along the first axis, so that a whole-body volume needs no whole-volume temporary (float32 copies of
-    an 800-slice CT are 0.8 GB each)."""
+    With ``out`` (a float32 array of the same shape) the result is written there in place; ``out`` may be
+    ``array`` itself (a float32 volume nobody else reads, such as a resampled copy: then no second volume at all).
+    The work goes in slabs along the first axis, so that a whole-body volume needs no whole-volume temporary
+    (float32 copies of an 800-slice CT are 0.8 GB each)."""
     lo, hi = (float(v) for v in spec["clip"])
     scale = spec.get("scale", "minmax_to_unit")
     if scale not in ("minmax_to_unit", "log1p"):
@@ -46,10 +47,14 @@ def normalize_channel(array: np.ndarray, spec: dict, out: np.ndarray | None = No
     if array.ndim == 0 or array.shape[0] == 0:
         out[...] = _normalize_block(array, lo, hi, scale)
         return out
+    same = out is array
+    if not same and np.may_share_memory(out, array):
+        raise DinomedError("normalize_channel: out overlaps the input without being the input itself")
     step = max(1, (4 << 20) // max(1, int(np.prod(array.shape[1:]))))
     for start in range(0, array.shape[0], step):
         block = out[start:start + step]
-        block[...] = array[start:start + step]
+        if not same:
+            block[...] = array[start:start + step]
         _normalize_block(block, lo, hi, scale, inplace=True)
     return out
 

@@ -36,18 +36,32 @@ def autocast_for(device: torch.device, amp: str | bool | None = "auto"):
     return autocast(device, autocast_dtype(device, amp))
 
 
-def check_channels(model_json: dict, channels) -> np.ndarray:
-    """The model input as one ``(C, Z, Y, X)`` float32 array, its channel count checked against ``model.json``."""
+def check_channels(model_json: dict, channels) -> list[np.ndarray]:
+    """The model input as a list of ``(Z, Y, X)`` float32 C-contiguous arrays, one per channel (a ``(C, Z, Y, X)``
+    array gives views of its channels; arrays already float32 and contiguous are used as they are, not stacked
+    into a new volume), their number checked against ``model.json``."""
     specs = (model_json.get("preprocessing") or {}).get("channels") or model_json.get("inputs") or []
-    image = np.stack(list(channels)) if not isinstance(channels, np.ndarray) else channels
-    if image.ndim != 4:
-        raise InputImageError(f"expected the model input as (C, Z, Y, X), found shape {tuple(image.shape)}")
-    if specs and image.shape[0] != len(specs):
+    if isinstance(channels, np.ndarray):
+        if channels.ndim != 4:
+            raise InputImageError(f"expected the model input as (C, Z, Y, X), found shape {tuple(channels.shape)}")
+        channels = list(channels)
+    image = [np.ascontiguousarray(c, dtype=np.float32) for c in channels]
+    if any(c.ndim != 3 for c in image) or len({c.shape for c in image}) > 1:
+        raise InputImageError("expected the model input as (C, Z, Y, X) or C volumes (Z, Y, X) of one shape, found "
+                              f"shapes {[tuple(c.shape) for c in image]}")
+    if specs and len(image) != len(specs):
         raise InputImageError(
             f"the model reads {len(specs)} channel(s) ({', '.join(s.get('modality', '?') for s in specs)}), "
-            f"found {image.shape[0]}"
+            f"found {len(image)}"
         )
-    return np.ascontiguousarray(image, dtype=np.float32)
+    if not image:
+        raise InputImageError("the model input has no channel")
+    return image
+
+
+def _slab(image: list[np.ndarray], lo: int, hi: int) -> np.ndarray:
+    """Slices ``lo:hi`` of every channel as one ``(hi - lo, C, Y, X)`` array (the batch layout)."""
+    return np.stack([c[lo:hi] for c in image], axis=1)
 
 
 @timed_stage("model")
@@ -104,12 +118,12 @@ def slices_per_forward(device: torch.device, batch_size: int, height: int, width
     return max(1, min(batch_size, CPU_PIXELS_PER_FORWARD // max(1, height * width)))
 
 
-def _predict_slices(model, image: np.ndarray, batch_size: int, amp, progress, *, compile: bool = False,
+def _predict_slices(model, image: list[np.ndarray], batch_size: int, amp, progress, *, compile: bool = False,
                     log=None, warn=None) -> np.ndarray:
     device = model_device(model)
-    depth = image.shape[1]
-    out = np.zeros(image.shape[1:], dtype=np.uint8)
-    chunk = slices_per_forward(device, batch_size, image.shape[2], image.shape[3])
+    depth, height, width = image[0].shape
+    out = np.zeros(image[0].shape, dtype=np.uint8)
+    chunk = slices_per_forward(device, batch_size, height, width)
     forward = model
     if compile:
         from .compiled import CompiledForward
@@ -119,7 +133,7 @@ def _predict_slices(model, image: np.ndarray, batch_size: int, amp, progress, *,
         stop = min(depth, start + batch_size)
         for lo in range(start, stop, chunk):
             hi = min(stop, lo + chunk)
-            batch = torch.from_numpy(np.ascontiguousarray(image[:, lo:hi].transpose(1, 0, 2, 3))).to(device)
+            batch = torch.from_numpy(_slab(image, lo, hi)).to(device)
             out[lo:hi] = slice_labels(forward, batch, amp)
             del batch
         if progress is not None:
@@ -166,19 +180,19 @@ def slice_labels(model: Callable[[torch.Tensor], torch.Tensor], batch: torch.Ten
         return class_labels(out)
 
 
-def _predict_sliding(model, image: np.ndarray, roi: list[int], overlap: float, batch_size: int, amp,
+def _predict_sliding(model, image: list[np.ndarray], roi: list[int], overlap: float, batch_size: int, amp,
                      progress) -> np.ndarray:
     from monai.inferers import sliding_window_inference
 
     device = model_device(model)
-    depth = image.shape[1]
-    out = np.zeros(image.shape[1:], dtype=np.uint8)
+    depth = image[0].shape[0]
+    out = np.zeros(image[0].shape, dtype=np.uint8)
     slab = max(roi[0] * SLAB_WINDOWS, roi[0])
     context = roi[0] // 2
     for start in range(0, depth, slab):
         stop = min(depth, start + slab)
         lo, hi = max(0, start - context), min(depth, stop + context)
-        x = torch.from_numpy(np.ascontiguousarray(image[None, :, lo:hi])).to(device)
+        x = torch.from_numpy(np.stack([c[lo:hi] for c in image])[None]).to(device)
         with autocast_for(device, amp):
             logits = sliding_window_inference(x, roi, max(1, batch_size), model, overlap=overlap, mode="gaussian")
         with stage("argmax"):

@@ -6,7 +6,7 @@ The pipeline, in the order a reader of a PET/CT would expect it:
    converted to SUV with :func:`dinomed.petct.suv_from_dicom`; a file is taken to be in SUV already and refused
    when it is obviously in Bq/ml), and refuse NaN voxels;
 2. resample the PET onto the CT grid (physical space, identity transform; an error when the two do not overlap);
-3. normalise the channels in ``model.json["inputs"]`` order with :func:`dinomed.preprocess.normalize_channels`,
+3. normalise the channels in ``model.json["inputs"]`` order with :func:`dinomed.preprocess.normalize_channel`,
    on the model's grid (:func:`model_grid`: ``preprocessing.target_spacing`` and the high-resolution
    ``input_scale``, as the model was trained) when that differs from the CT's; the labels are put back onto the
    CT grid exactly (:func:`labels_to_reference`);
@@ -186,15 +186,21 @@ def labels_to_reference(labels: sitk.Image, reference: sitk.Image) -> sitk.Image
 
 @timed_stage("normalise")
 def model_channels(model_json: dict, ct: sitk.Image, pet: sitk.Image | None, grid: sitk.Image | None = None
-                   ) -> np.ndarray:
-    """The normalised input array ``(C, z, y, x)`` in ``model.json["inputs"]`` order, on ``grid`` (default:
-    the CT grid). ``pet`` must already be on the CT grid."""
-    from ..preprocess import default_spec, normalize_channels
+                   ) -> list[np.ndarray]:
+    """The normalised input, one ``(z, y, x)`` float32 array per channel in ``model.json["inputs"]`` order, on
+    ``grid`` (default: the CT grid). ``pet`` must already be on the CT grid. On a model grid each channel is
+    normalised in place in its resampled image's own buffer (:func:`dinomed.io.volumes.writable_array`, which
+    keeps that image alive): no second volume is allocated; on the CT grid the inputs are only read."""
+    from ..io.volumes import writable_array
+    from ..preprocess import default_spec, normalize_channel
 
     mods = modalities(model_json)
     specs = (model_json.get("preprocessing") or {}).get("channels") or [default_spec(m) for m in mods]
-    arrays, keep = [], []
-    for mod in mods:
+    if len(specs) != len(mods):
+        raise DinomedError(f"expected {len(specs)} input channel(s) ({[s.get('modality', '?') for s in specs]}), "
+                           f"found {len(mods)}")  # normalize_channels' words
+    out = []
+    for mod, spec in zip(mods, specs):
         if mod == "CT":
             image = ct
         elif mod == "PET":
@@ -211,12 +217,10 @@ def model_channels(model_json: dict, ct: sitk.Image, pet: sitk.Image | None, gri
             # cast first gives the same voxels and costs a whole-volume copy
             resampled = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear,
                                       -1000.0 if mod == "CT" else 0.0, sitk.sitkFloat32)
-            keep.append(resampled)  # the view below looks into it: kept alive until the channels are normalised
-            arrays.append(sitk.GetArrayViewFromImage(resampled))
+            array = writable_array(resampled)
+            out.append(normalize_channel(array, spec, out=array))
         else:
-            arrays.append(sitk.GetArrayViewFromImage(image))  # ct and pet outlive this function
-    out = normalize_channels(arrays, specs)
-    del arrays, keep
+            out.append(normalize_channel(sitk.GetArrayViewFromImage(image), spec))  # ct and pet are only read
     return out
 
 

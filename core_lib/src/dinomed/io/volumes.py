@@ -213,11 +213,12 @@ def _read_gzipped_nifti_once(path: Path, reader: sitk.ImageFileReader, allow_non
 
 
 def writable_array(image: sitk.Image) -> np.ndarray:
-    """A writable ``(z, y, x)`` array on the pixel buffer of ``image``, which must outlive it. SimpleITK offers
-    only a read-only view (``GetArrayViewFromImage``, which also makes the buffer the image's own); writing through
-    it saves allocating, touching and copying a second whole volume (``GetImageFromArray``)."""
+    """A writable ``(z, y, x)`` array on the pixel buffer of ``image`` (the array keeps the image alive). SimpleITK
+    offers only a read-only view (``GetArrayViewFromImage``, which also makes the buffer the image's own); writing
+    through it saves allocating, touching and copying a second whole volume (``GetImageFromArray``)."""
     view = sitk.GetArrayViewFromImage(image)
     buffer = (ctypes.c_char * view.nbytes).from_address(view.__array_interface__["data"][0])
+    buffer.image = image  # the array's base is this buffer: while the array lives, so does the image's memory
     return np.frombuffer(buffer, dtype=view.dtype).reshape(view.shape)
 
 

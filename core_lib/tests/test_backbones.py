@@ -274,6 +274,58 @@ def test_info_command_bad_file_is_one_line_error(tmp_path, capsys):
     assert err.startswith("dinomed info: error:") and "junk.pth" in err and "Traceback" not in err
 
 
+def test_inference_blocks_compute_what_timm_blocks_compute(monkeypatch):
+    """On the CPU without autograd every DINOv3 block runs through _eva_block_inference (RoPE in place in the qkv
+    output, LayerScale residuals by addcmul): the same tokens as timm's EvaBlock.forward within float rounding, block
+    by block and through vit_features / vit_tokens; with autograd, or a block of another layout, timm's own code."""
+    from dinomed.backbones import forward as fwd
+
+    model = randomize_(create_backbone("vit_tiny", in_chans=2), seed=3).eval()
+    with torch.no_grad():
+        for blk in model.blocks:  # LayerScale far from its 1e-5 init, so that both residual branches count
+            blk.gamma_1.uniform_(0.5, 1.5)
+            blk.gamma_2.uniform_(0.5, 1.5)
+    images = torch.randn(3, 2, 48, 80)
+    calls = []
+    real = fwd._eva_block_inference
+    monkeypatch.setattr(fwd, "_eva_block_inference", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        tokens = model.patch_embed(images)
+        x, rope = fwd.embed_tokens(model, tokens)
+        assert rope is not None and rope.shape == (15, 64)  # 3 x 5 patches, 2 x head dim 32
+        for blk in model.blocks:
+            assert fwd.inference_block_applies(blk, x, rope)
+            ours, theirs = fwd.block_forward(blk, x, rope), blk(x, rope=rope)
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+            assert (ours - theirs).abs().max() < 1e-5 * theirs.abs().max()
+            x = theirs
+        assert len(calls) == len(model.blocks)
+        timm_maps = model.forward_intermediates(images, indices=[0, 2, 3], norm=True, stop_early=True,
+                                                output_fmt="NCHW", intermediates_only=True)
+        ours = fwd.vit_features(model, images, [0, 2, 3])
+        assert len(calls) == len(model.blocks) + 4
+        for a, b in zip(ours, timm_maps):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fwd.vit_tokens(model, images)["patch"],
+                                   model.forward_features(images)[:, model.num_prefix_tokens:], rtol=1e-5, atol=1e-5)
+    calls.clear()
+    with torch.no_grad():
+        assert fwd.inference_block_applies(model.blocks[0], x, rope)
+    assert not fwd.inference_block_applies(model.blocks[0], x, rope)  # autograd on: timm's blocks
+    grads = fwd.vit_features(model, images, [0, 2, 3])
+    assert calls == [] and grads[0].requires_grad
+    model.blocks[1].attn.fused_attn = False  # a layout it does not compute: that block runs timm's code
+    with torch.inference_mode():
+        assert not fwd.inference_block_applies(model.blocks[1], x, rope)
+        mixed = fwd.vit_features(model, images, [0, 2, 3])
+    assert len(calls) == len(model.blocks) - 1
+    for a, b in zip(mixed, timm_maps):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    model.train()
+    with torch.inference_mode():
+        assert not fwd.inference_block_applies(model.blocks[0], x, rope)
+
+
 def test_one_forward_path():
     """The hooked path (embed_tokens + run_blocks, used for ICE and the PET/CT fusion; vit_tokens for the mask token)
     gives what timm's public forward_intermediates / forward_features give: the guard for a timm upgrade."""
@@ -284,7 +336,10 @@ def test_one_forward_path():
     images, size = pad_to_patch(torch.randn(2, 2, 40, 50))
     assert images.shape[-2:] == (48, 64) and size == (40, 50)
     with torch.no_grad():
-        public = vit_features(model, images, [1, 3])
+        public = model.forward_intermediates(images, indices=[1, 3], norm=True, stop_early=True, output_fmt="NCHW",
+                                             intermediates_only=True)  # timm's own blocks
+        for a, b in zip(public, vit_features(model, images, [1, 3])):  # ours: on the CPU, _eva_block_inference
+            torch.testing.assert_close(a, b)
         tokens = model.patch_embed(images)
         x, rope = embed_tokens(model, tokens)
         hooked = run_blocks(model, x, rope, tokens.shape[1:3], [1, 3])

@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..backbones.forward import embed_tokens, pad_to_patch, tokens_to_grid, vit_features
+from ..backbones.forward import block_forward, embed_tokens, pad_to_patch, tokens_to_grid, vit_features
 from ..errors import DinomedError
 from .common import ProgressiveUpsamplingDecoder, aggregation_layers, check_input, freeze, make_backbone
 from .registry import register_model
@@ -128,8 +128,8 @@ class DualDINOv3PETCT(nn.Module):
         feats = []
         fusion = iter(self.fusions)
         for i in range(max(self.layers) + 1):
-            xp = pet_bb.blocks[i](xp, rope=rope_p)
-            xc = ct_bb.blocks[i](xc, rope=rope_c)
+            xp = block_forward(pet_bb.blocks[i], xp, rope_p)
+            xc = block_forward(ct_bb.blocks[i], xc, rope_c)
             if i in self.layers:
                 xp, xc = next(fusion)(xp, xc)  # the fused tokens go on through the following blocks
                 feats += [tokens_to_grid(pet_bb, xp, hw), tokens_to_grid(ct_bb, xc, hw)]

@@ -38,6 +38,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import queue as queue_module
 import resource
 import statistics
 import sys
@@ -213,12 +214,12 @@ def _child_unet(queue, ct, pet, device, threads, crop, overlap, sw_batch, matmul
             start = [max(0, (s - c) // 2) for s, c in zip(size, (cx, cy, cz))]
             ct_img = ct_img[start[0]:start[0] + cx, start[1]:start[1] + cy, start[2]:start[2] + cz]
         pet_img = pet_on_ct_grid(read_pet_suv(pet), ct_img)
-        channels = model_channels({"inputs": [{"modality": "CT"}, {"modality": "PET"}]}, ct_img, pet_img)
+        channels = numpy.stack(model_channels({"inputs": [{"modality": "CT"}, {"modality": "PET"}]}, ct_img, pet_img))
         with stage("load model"):
             torch.manual_seed(0)
             net = build_dynunet().to(dev).eval()
         dtype = autocast_dtype(dev)
-        x = torch.from_numpy(numpy.stack(channels)[None]).to(dev)
+        x = torch.from_numpy(channels[None]).to(dev)
         with torch.inference_mode(), (torch.autocast(dev.type, dtype=dtype) if dtype else _null()):
             with stage("model"):
                 logits = sliding_window_inference(x, NNUNET_PATCH, sw_batch, net, overlap=overlap, mode="gaussian")
@@ -246,7 +247,14 @@ def run_child(target, *args) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(queue, *args))
     proc.start()
-    result = queue.get()
+    while True:  # a child that dies before reporting (an exception, the OOM killer) must not leave us waiting
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"benchmark child {target.__name__} exited with code {proc.exitcode} "
+                                   "without a result (its traceback is above)") from None
     proc.join()
     if proc.exitcode != 0:
         raise RuntimeError(f"benchmark child {target.__name__} failed with exit code {proc.exitcode}")

@@ -244,3 +244,34 @@ def test_compile_option_is_off_by_default_and_3d_models_say_they_run_eager(monke
     warns = []
     np.testing.assert_array_equal(predict_volume(model, model_json, image, compile=True, warn=warns.append), eager)
     assert warns == ["--compile applies to slice-wise (2D) models; this 3D model runs uncompiled (eager)"]
+
+
+@pytest.mark.slow
+def test_inference_benchmark_runs_end_to_end(tmp_path):
+    """``benchmarks/inference.py`` on a tiny case (its real children: the ViT's segment_files under the profiler,
+    the DynUNet peer, the whole-volume pipeline run): it reports both rows, the ratio and every stage, the
+    once-per-process import apart. Speed is not asserted (README rule); that the script runs is."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo / "core_lib" / "src"),
+                                                                    os.environ.get("PYTHONPATH")])))
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(repo / "benchmarks" / "inference.py"), "--arch", "vit_tiny",
+                           "--shape", "16", "64", "64", "--slices", "8", "--unet-crop", "16", "64", "64",
+                           "--repeats", "1", "--threads", "1", "--cache", str(tmp_path / "cache"), "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "DynUNet / MedDINOv3 vit_tiny" in done.stdout and "| import models |" in done.stdout
+    result = json.loads(out.read_text())
+    vit, unet = result["rows"]
+    assert vit["short"] == "ViT" and unet["short"] == "DynUNet"
+    for row in (vit, unet):
+        assert row["wall_s"] > row["model_s"] > 0 and 0 < row["fraction"] and row["peak_rss_mb"] > 0
+    assert 0 < vit["once_s"] < vit["rest_s"] and unet["once_s"] == 0.0
+    for name in ("model", "read", "resample PET", "normalise", "post-process", "lesion statistics", "write"):
+        assert name in vit["stages"], name
+    assert result["pipeline_runs"] and result["pipeline_runs"][0]["lesions"] >= 0

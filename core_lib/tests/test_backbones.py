@@ -321,6 +321,9 @@ def test_inference_blocks_compute_what_timm_blocks_compute(monkeypatch):
     assert len(calls) == len(model.blocks) - 1
     for a, b in zip(mixed, timm_maps):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    model.blocks[2].attn.qkv_bias_separate = True  # what DINO-Med3D sets so that a LoRA wrapper on qkv is called
+    with torch.inference_mode():
+        assert not fwd.inference_block_applies(model.blocks[2], x, rope)
     model.train()
     with torch.inference_mode():
         assert not fwd.inference_block_applies(model.blocks[0], x, rope)

@@ -97,6 +97,7 @@ def test_segment_lands_on_ct_grid_with_labels_stats_and_events(case, lesion_mode
     progress = [e for e in events if e["event"] == "progress"]
     assert progress and progress[-1]["done"] == progress[-1]["total"] == ct.GetSize()[2]
     assert len(progress) >= 3  # 12 slices in batches of 4: one event per batch
+    assert progress[0]["done"] == 0  # and one before the first, so a bar's clock starts with the work
     artifacts = {e["kind"]: e["path"] for e in events if e["event"] == "artifact"}
     assert artifacts == {"segmentation": str(out), "labels": str(label_sidecar_path(out)), "lesion_table": str(stats)}
     assert kinds[-1] == "done" and events[-1]["lesions"] == 1

@@ -124,6 +124,8 @@ def _predict_slices(model, image: list[np.ndarray], batch_size: int, amp, progre
     depth, height, width = image[0].shape
     out = np.zeros(image[0].shape, dtype=np.uint8)
     chunk = slices_per_forward(device, batch_size, height, width)
+    if progress is not None:
+        progress(0, depth)  # the bar starts with the work (its rate then counts the first batch's time)
     forward = model
     if compile:
         from .compiled import CompiledForward
@@ -188,6 +190,8 @@ def _predict_sliding(model, image: list[np.ndarray], roi: list[int], overlap: fl
     depth = image[0].shape[0]
     out = np.zeros(image[0].shape, dtype=np.uint8)
     slab = max(roi[0] * SLAB_WINDOWS, roi[0])
+    if progress is not None:
+        progress(0, depth)
     context = roi[0] // 2
     for start in range(0, depth, slab):
         stop = min(depth, start + slab)

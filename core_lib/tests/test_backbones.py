@@ -306,6 +306,14 @@ def test_inference_blocks_compute_what_timm_blocks_compute(monkeypatch):
         assert len(calls) == len(model.blocks) + 4
         for a, b in zip(ours, timm_maps):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        with_prefix = fwd.vit_features(model, images, [1, 3], norm=False, prefix=True)  # (map, prefix tokens) pairs
+        timm_pairs = model.forward_intermediates(images, indices=[1, 3], return_prefix_tokens=True, norm=False,
+                                                 stop_early=True, output_fmt="NCHW", intermediates_only=True)
+        assert len(calls) == 2 * len(model.blocks) + 4
+        for (a, pa), (b, pb) in zip(with_prefix, timm_pairs):
+            assert pa.shape == pb.shape == (3, model.num_prefix_tokens, 64)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fwd.vit_tokens(model, images)["patch"],
                                    model.forward_features(images)[:, model.num_prefix_tokens:], rtol=1e-5, atol=1e-5)
     calls.clear()

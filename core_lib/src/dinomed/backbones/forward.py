@@ -43,11 +43,19 @@ def vit_features(backbone: nn.Module, images: torch.Tensor, layers: Sequence[int
     then the raw block outputs) for images whose sides are multiples of 16; with ``prefix``, pairs
     ``(map, prefix tokens (B, 1 + registers, C))``. timm's public ``forward_intermediates``; on the CPU without
     autograd the same steps with the blocks through :func:`block_forward`."""
-    if (not prefix and _inference_runtime(images) and len(backbone.blocks) and _eva_block_supported(backbone.blocks[0])
+    if (_inference_runtime(images) and len(backbone.blocks) and _eva_block_supported(backbone.blocks[0])
             and not getattr(backbone, "rope_mixed", False) and all(0 <= int(i) < len(backbone.blocks) for i in layers)):
         tokens = backbone.patch_embed(images)  # (B, h, w, D)
         x, rope = embed_tokens(backbone, tokens)
-        return run_blocks(backbone, x, rope, tuple(tokens.shape[1:3]), [int(i) for i in layers], norm=norm)
+        hw, take, n_prefix = tuple(tokens.shape[1:3]), {int(i) for i in layers}, backbone.num_prefix_tokens
+        out = []
+        for i, blk in enumerate(backbone.blocks[: max(take) + 1]):
+            x = block_forward(blk, x, rope)
+            if i in take:
+                y = backbone.norm(x) if norm else x
+                grid = tokens_to_grid(backbone, y, hw, norm=False)
+                out.append((grid, y[:, :n_prefix]) if prefix else grid)
+        return out
     return backbone.forward_intermediates(images, indices=list(layers), return_prefix_tokens=prefix, norm=norm,
                                           stop_early=True, output_fmt="NCHW", intermediates_only=True)
 

@@ -47,15 +47,8 @@ def vit_features(backbone: nn.Module, images: torch.Tensor, layers: Sequence[int
             and not getattr(backbone, "rope_mixed", False) and all(0 <= int(i) < len(backbone.blocks) for i in layers)):
         tokens = backbone.patch_embed(images)  # (B, h, w, D)
         x, rope = embed_tokens(backbone, tokens)
-        hw, take, n_prefix = tuple(tokens.shape[1:3]), {int(i) for i in layers}, backbone.num_prefix_tokens
-        out = []
-        for i, blk in enumerate(backbone.blocks[: max(take) + 1]):
-            x = block_forward(blk, x, rope)
-            if i in take:
-                y = backbone.norm(x) if norm else x
-                grid = tokens_to_grid(backbone, y, hw, norm=False)
-                out.append((grid, y[:, :n_prefix]) if prefix else grid)
-        return out
+        return run_blocks(backbone, x, rope, tuple(tokens.shape[1:3]), sorted({int(i) for i in layers}), norm=norm,
+                          prefix=prefix)
     return backbone.forward_intermediates(images, indices=list(layers), return_prefix_tokens=prefix, norm=norm,
                                           stop_early=True, output_fmt="NCHW", intermediates_only=True)
 
@@ -162,15 +155,18 @@ def tokens_to_grid(backbone: nn.Module, x: torch.Tensor, hw: tuple[int, int], no
 
 def run_blocks(
     backbone: nn.Module, x: torch.Tensor, rope: torch.Tensor | None, hw: tuple[int, int], layers: Sequence[int],
-    norm: bool = True,
-) -> list[torch.Tensor]:
+    norm: bool = True, prefix: bool = False,
+) -> list:
     """Run the blocks on the token sequence ``x`` (from :func:`embed_tokens`) up to the last of ``layers``; return the
-    patch-token maps of ``layers``, as :func:`vit_features` does for images."""
+    patch-token maps of ``layers`` (with ``prefix``, pairs with the prefix tokens), as :func:`vit_features` does for
+    images."""
     feats = []
     for i, blk in enumerate(backbone.blocks[: max(layers) + 1]):
         x = block_forward(blk, x, rope)
         if i in layers:
-            feats.append(tokens_to_grid(backbone, x, hw, norm=norm))
+            y = backbone.norm(x) if norm else x
+            grid = tokens_to_grid(backbone, y, hw, norm=False)
+            feats.append((grid, y[:, :backbone.num_prefix_tokens]) if prefix else grid)
     return feats
 
 

@@ -308,9 +308,6 @@ def matmul_gflops(device, n: int, repeats: int = 5) -> float:
 
 
 MODEL_STAGES = ("model", "argmax")  # what scales with the network; every other stage is the pipeline around it
-# in the pipeline, but paid once per process (segment.IMPORT_STAGE): shown apart. Each `dinomed segment` is a process
-# (the Slicer module and the web page start one per segmentation), so for a user the column with it is the real one.
-ONCE_STAGES = ("import models",)
 
 
 def _median_stages(runs: list[dict]) -> dict:
@@ -353,8 +350,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    from dinomed.inference.segment import model_grid, read_ct, resolve_device
+    from dinomed.inference.segment import IMPORT_STAGE, model_grid, read_ct, resolve_device
     from dinomed.models import load_model_folder
+
+    # in the pipeline, but paid once per process: shown apart. Each `dinomed segment` is a process (the Slicer module
+    # and the web page start one per segmentation), so for a user the column with it is the real one.
+    once_stages = (IMPORT_STAGE,)
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -445,7 +446,7 @@ def main(argv=None) -> int:
                      + (f" ({Path(pipeline_dir).name})" if pipeline_dir else ""))
                     if slices_run < model_slices_full else "whole volume"),
             "wall_s": model_part + sum(rest.values()), "model_s": model_part, "rest_s": sum(rest.values()),
-            "once_s": sum(rest.get(k, 0.0) for k in ONCE_STAGES),
+            "once_s": sum(rest.get(k, 0.0) for k in once_stages),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs + pipe_runs),
             "cuda_peak_mb": runs[0]["cuda_peak_mb"], "gflop_per_slice": vit_flops / 1e9,
             "gflops": vit_flops * model_slices_full / model_part / 1e9, "fraction": fraction,
@@ -518,7 +519,7 @@ def main(argv=None) -> int:
         print(f"| {k} | " + " | ".join(f"{r['stages'][k]:.2f}" if k in r["stages"] else "-" for r in rows) + " |")
     print("\nwall: the whole job; model: the network and its argmax; pipeline: everything else (read, PET resample, "
           "normalise, post-process, lesion statistics, write, model loading, checks, and importing the model code: "
-          f"{', '.join(ONCE_STAGES)}, which a process pays once, so the next column leaves it out of both the "
+          f"{', '.join(once_stages)}, which a process pays once, so the next column leaves it out of both the "
           "pipeline and the wall time). Peak RSS: VmHWM of the child "
           "process (for the ViT the larger of its subset run and the whole-volume pipeline run). Achieved GFLOP/s "
           "and the matmul fraction: per run against that run's own matmul measurement, median.")

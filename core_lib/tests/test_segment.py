@@ -195,6 +195,11 @@ def bad_inputs(case, tmp_path_factory) -> dict:
     arr[3, 10, 10] = np.nan
     nan_img = sitk.GetImageFromArray(arr)
     nan_img.CopyInformation(ct)
+    pet = sitk.Cast(case["phantom"].pet, sitk.sitkFloat32)
+    pet_arr = sitk.GetArrayFromImage(pet)
+    pet_arr[2, 5, 5] = np.nan
+    nan_pet = sitk.GetImageFromArray(pet_arr)
+    nan_pet.CopyInformation(pet)
     far_pet = sitk.Image(case["phantom"].pet)
     far_pet.SetOrigin([o + 5000.0 for o in far_pet.GetOrigin()])
     two_d = sitk.GetImageFromArray(np.zeros((32, 32), np.int16))
@@ -210,6 +215,7 @@ def bad_inputs(case, tmp_path_factory) -> dict:
         "no_weights": no_weights,
         "nan": _write(nan_img, root / "nan_ct.nrrd"),  # ITK reads NaN in NIfTI as 0; NRRD keeps it
         "far_pet": _write(far_pet, root / "far_pet.nii.gz"),
+        "nan_pet": _write(nan_pet, root / "nan_pet.nii.gz"),  # read_image's check (read_pet_suv no longer repeats it)
         "two_d": _write(two_d, root / "two_d.nii.gz"),
         "four_d": _write(four_d, root / "four_d.nii.gz"),
         "file": root / "a_file",
@@ -224,6 +230,7 @@ BAD_CASES = {
     "2D image": (dict(ct="two_d"), "found a 2D image"),
     "4D image": (dict(ct="four_d"), "found a 4D image"),
     "NaN voxels": (dict(ct="nan"), "NaN or infinite"),
+    "NaN voxels in the PET": (dict(pet="nan_pet"), "nan_pet.nii.gz: 1 of"),
     "unwritable output": (dict(out="under_file"), "is a file, not a folder"),
     "stats without PET": (dict(model="ct_only", pet=None, stats=True), "need a PET"),
 }

@@ -23,6 +23,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp
+from timm.models.eva import EvaAttention, EvaBlock
 from torch import nn
 
 PATCH = 16
@@ -68,9 +70,6 @@ def _inference_runtime(x: torch.Tensor) -> bool:
 def _eva_block_supported(block: nn.Module) -> bool:
     """A timm ``EvaBlock`` in eval mode of the DINOv3 layout: fused qkv with its biases, half-rotation RoPE, fused
     attention, no q/k norm, no gate, a GELU ``Mlp`` without norm."""
-    from timm.layers import Mlp
-    from timm.models.eva import EvaAttention, EvaBlock
-
     if type(block) is not EvaBlock or block.training:
         return False
     attn, mlp = block.attn, block.mlp

@@ -106,9 +106,9 @@ def read_pet_suv(path: str | os.PathLike, series_uid: str | None = None) -> sitk
             raise DinomedError(f"PET {path}: given as the PET but its DICOM Modality is CT; check that --pet is the "
                                "PET and --ct the CT")
         pet = suv_from_dicom(path, series_uid=series_uid)
+        check_finite(pet, str(path))  # (read_image refuses a file's NaN itself)
     else:
         pet = read_image(path)
-    check_finite(pet, str(path))
     check_pet_is_suv(sitk.GetArrayViewFromImage(pet), str(path))
     return pet
 

@@ -195,12 +195,7 @@ class MedDINOv3(nn.Module):
         return vit_features(self.backbone, x, self.layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, 4, self.in_chans, "meddinov3")
-        h, w = x.shape[-2:]
-        x, _ = pad_to_patch(x)  # once: forward_features finds it aligned
-        feats = torch.cat(self.forward_features(x), dim=1)
-        logits = self.decoder(feats, image=x) if self.detail else self.decoder(feats)
-        return logits[..., :h, :w]
+        return self._decode(x, labels=False)
 
     def predict_labels(self, x: torch.Tensor) -> torch.Tensor:
         """The label map ``(B, H, W)`` (uint8 on the CPU with PatchDecode, else int64): ``forward(x).max(1).indices``
@@ -209,8 +204,15 @@ class MedDINOv3(nn.Module):
         (:meth:`PatchDecode.forward_token_major` with ``labels=True``); otherwise from the logits."""
         if not isinstance(self.decoder, PatchDecode) or not self.decoder.token_major_applies(x):
             return self(x).max(dim=1).indices
+        return self._decode(x, labels=True)
+
+    def _decode(self, x: torch.Tensor, labels: bool) -> torch.Tensor:
         check_input(x, 4, self.in_chans, "meddinov3")
         h, w = x.shape[-2:]
-        x, _ = pad_to_patch(x)
+        x, _ = pad_to_patch(x)  # once: forward_features finds it aligned
         feats = torch.cat(self.forward_features(x), dim=1)
-        return self.decoder.forward_token_major(feats, labels=True)[:, :h, :w]
+        if labels:
+            out = self.decoder.forward_token_major(feats, labels=True)
+        else:
+            out = self.decoder(feats, image=x) if self.detail else self.decoder(feats)
+        return out[..., :h, :w]

@@ -4,8 +4,9 @@
 It prints, for each model: wall seconds per volume, the model part and the pipeline around it (with its share),
 peak resident memory of the process that ran it (each measurement in a fresh child process, so peaks do not mix),
 and the achieved GFLOP/s (FLOPs counted with ``torch.utils.flop_counter.FlopCounterMode``) as a fraction of the
-fp32 ``torch.matmul`` GFLOP/s measured in the same child just before its run (the CPU is shared: each run is
-compared with the rate the machine gave at that moment; medians over the runs). Then the ratio of the two wall
+fp32 ``torch.matmul`` GFLOP/s measured in the same child just before and just after its run (the CPU is shared:
+each run is compared with the rate the machine gave around it; medians over the runs). FLOPs include the CPU's fused
+attention, which torch's counter leaves out (:func:`flop_counter`). Then the ratio of the two wall
 times, and a table of seconds per stage.
 
 - ViT: the real ``dinomed segment`` pipeline (``dinomed.inference.segment.segment_files``) under
@@ -169,7 +170,7 @@ def _child_vit(queue, model_dir, ct, pet, device, threads, matmul_n, compile=Fal
     from dinomed.inference.segment import resolve_device, segment_files
 
     load = os.getloadavg()[0]
-    peak = matmul_gflops(resolve_device(device), matmul_n)
+    before = matmul_samples(resolve_device(device), matmul_n)
     out = Path(tempfile.mkdtemp(prefix="dinomed-bench-"))
     events = EventWriter(enabled=False, quiet=True)
     messages: list[str] = []
@@ -181,13 +182,14 @@ def _child_vit(queue, model_dir, ct, pet, device, threads, matmul_n, compile=Fal
     with profiling() as profile:
         result = segment_files(model_dir, ct, out / "seg.nii.gz", pet_path=pet, stats_path=out / "lesions.csv",
                                device=device, events=events, compile=compile)
+    peak = bracketing_matmul(before, matmul_samples(resolve_device(device), matmul_n))
     fallback = [m for m in messages if m.startswith("--compile")]
     if fallback:
         raise RuntimeError(f"--compile fell back to eager: {fallback}")
     if compile:
         extra["compile_s"] = profile.as_dict()["stages"].get("compile", 0.0)
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if result.device.startswith("cuda") else None
-    queue.put({**profile.as_dict(), "peak_rss_mb": _peak_rss_mb(), "cuda_peak_mb": cuda_peak, "matmul_gflops": peak,
+    queue.put({**profile.as_dict(), "peak_rss_mb": _peak_rss_mb(), "cuda_peak_mb": cuda_peak, **peak,
                "load": load, "precision": result.precision, "device": result.device,
                "lesions": result.lesion_count, **extra})
 
@@ -205,7 +207,7 @@ def _child_unet(queue, ct, pet, device, threads, crop, overlap, sw_batch, matmul
 
     dev = resolve_device(device)
     load = os.getloadavg()[0]
-    peak = matmul_gflops(dev, matmul_n)
+    before = matmul_samples(dev, matmul_n)
     with profiling() as profile:
         ct_img = read_ct(ct)
         if crop:
@@ -227,10 +229,11 @@ def _child_unet(queue, ct, pet, device, threads, crop, overlap, sw_batch, matmul
                     torch.cuda.synchronize()
             with stage("argmax"):
                 labels = logits.argmax(dim=1)[0].to("cpu", torch.uint8).numpy()
+    peak = bracketing_matmul(before, matmul_samples(dev, matmul_n))
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
     queue.put({**profile.as_dict(), "slices": int(channels.shape[1]), "shape": list(channels.shape[1:]),
                "windows": count_windows(channels.shape[1:], NNUNET_PATCH, overlap), "peak_rss_mb": _peak_rss_mb(),
-               "cuda_peak_mb": cuda_peak, "matmul_gflops": peak, "load": load,
+               "cuda_peak_mb": cuda_peak, **peak, "load": load,
                "precision": "fp32" if dtype is None else str(dtype).replace("torch.", ""), "labels_voxels": int(labels.size)})
 
 
@@ -275,23 +278,43 @@ def count_windows(shape, roi, overlap) -> int:
     return n
 
 
-def flops_of(model, example) -> float:
+def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flop_counter():
+    """``FlopCounterMode`` that also counts the CPU's fused attention: torch's table has formulas for the CUDA
+    kernels of ``scaled_dot_product_attention`` (flash, efficient, cuDNN) but none for
+    ``_scaled_dot_product_flash_attention_for_cpu``, so on a CPU a ViT's attention products (4·B·heads·N²·d per
+    block; 6% of ViT-S's FLOPs at 261 tokens) counted as zero and the achieved fraction of matmul came out low."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    custom = {}
+    cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_attention is not None:
+        custom[cpu_attention] = _attention_flops
+    return FlopCounterMode(display=False, custom_mapping=custom)
+
+
+def flops_of(model, example) -> float:
+    import torch
+
+    counter = flop_counter()
     with torch.inference_mode(), counter:
         model(example)
     return float(counter.get_total_flops())
 
 
-def matmul_gflops(device, n: int, repeats: int = 5) -> float:
-    """Median fp32 GFLOP/s of an n x n x n ``torch.matmul`` on ``device`` (2 n^3 FLOPs each)."""
+def matmul_samples(device, n: int, repeats: int = 5) -> list[float]:
+    """fp32 GFLOP/s of ``repeats`` n x n x n ``torch.matmul`` on ``device`` (2 n^3 FLOPs each), after a warm-up."""
     import torch
 
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
-    times = []
+    rates = []
     for i in range(repeats + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -300,8 +323,15 @@ def matmul_gflops(device, n: int, repeats: int = 5) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i:  # the first is a warm-up
-            times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times) / 1e9
+            rates.append(2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return rates
+
+
+def bracketing_matmul(before: list[float], after: list[float]) -> dict:
+    """The matmul rate a run is compared with: the median of the samples taken just before and just after it (the
+    rate of this shared CPU drifts during a run of tens of seconds; one side alone followed it less well)."""
+    return {"matmul_gflops": statistics.median(before + after), "matmul_before": statistics.median(before),
+            "matmul_after": statistics.median(after)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -484,7 +514,7 @@ def main(argv=None) -> int:
     cpu = platform.processor() or platform.machine()
     print(f"\nCase: synthetic PET/CT, CT {width}x{height}x{depth} (x, y, z), PET on its own grid; "
           f"device {device}, {args.threads} thread(s) ({cpu}), torch {torch.__version__}; fp32 matmul {matmul_n}^3: "
-          f"{peak:.1f} GFLOP/s (median, measured in each child before its run); {len(vit_runs)} ViT / {len(unet_runs)} "
+          f"{peak:.1f} GFLOP/s (median, measured in each child before and after its run); {len(vit_runs)} ViT / {len(unet_runs)} "
           f"U-Net run(s), interleaved, medians; 1-min load average {min(loads):.1f}-{max(loads):.1f} "
           f"on {os.cpu_count()} CPU(s).\n")
     print("| model | device | model grid | ran | wall s / volume | model s | pipeline s (share) | pipeline without the "
@@ -522,7 +552,8 @@ def main(argv=None) -> int:
           f"{', '.join(once_stages)}, which a process pays once, so the next column leaves it out of both the "
           "pipeline and the wall time). Peak RSS: VmHWM of the child "
           "process (for the ViT the larger of its subset run and the whole-volume pipeline run). Achieved GFLOP/s "
-          "and the matmul fraction: per run against that run's own matmul measurement, median.")
+          "and the matmul fraction: per run against that run's own matmul measurement (5 samples before and 5 after its "
+          "run), median; FLOPs counted by torch's FlopCounterMode plus the CPU's fused attention.")
     if pipeline_dir:
         print(f"\nViT: the network's stages were timed on {n_slices} central slices and scaled to the volume's "
               f"{model_slices_full} model-grid slices; every other stage comes from whole-volume runs of "

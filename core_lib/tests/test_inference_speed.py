@@ -275,3 +275,66 @@ def test_inference_benchmark_runs_end_to_end(tmp_path):
     for name in ("model", "read", "resample PET", "normalise", "post-process", "lesion statistics", "write"):
         assert name in vit["stages"], name
     assert result["pipeline_runs"] and result["pipeline_runs"][0]["lesions"] >= 0
+
+
+def test_benchmark_flop_counter_counts_cpu_attention():
+    """torch's FlopCounterMode has no formula for the CPU's fused attention kernel and counts it as zero; the
+    benchmark's counter gives it the same 4·B·heads·N²·d as the explicit products, so a ViT's achieved fraction of
+    matmul is not understated."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "inference.py"
+    spec = importlib.util.spec_from_file_location("dinomed_bench_inference", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    b, heads, n, d = 2, 3, 37, 16
+    q, k, v = (torch.randn(b, heads, n, d) for _ in range(3))
+    expected = 4 * b * heads * n * n * d
+    explicit = FlopCounterMode(display=False)
+    with torch.inference_mode(), explicit:
+        (q @ k.transpose(-1, -2)).softmax(-1) @ v
+    assert explicit.get_total_flops() == expected
+    counter = bench.flop_counter()
+    with torch.inference_mode(), counter:
+        F.scaled_dot_product_attention(q, k, v)
+    assert counter.get_total_flops() == expected
+    # and through a whole block: attention on top of the linear layers torch already counted
+    block = torch.nn.MultiheadAttention(heads * d, heads, batch_first=True).eval()
+    x = torch.randn(b, n, heads * d)
+    plain = FlopCounterMode(display=False)
+    with torch.inference_mode(), plain:
+        block(x, x, x, need_weights=False)
+    assert bench.flops_of(lambda t: block(t, t, t, need_weights=False), x) == plain.get_total_flops() + expected
+
+
+@pytest.mark.parametrize("dtype", ["int16", "uint8", "float32", "float64", "uint16", "nan"])
+def test_value_range_equals_itk(dtype):
+    """``safety.value_range`` (torch.aminmax on the image's buffer where torch can) gives ITK's
+    MinimumMaximumImageFilter's values: for the types torch reduces, for one it does not (uint16), and for a float
+    volume holding NaN (ITK's answer)."""
+    from dinomed.safety import value_range
+
+    rng = np.random.default_rng(3)
+    array = rng.normal(0, 300, (9, 17, 13))
+    if dtype == "nan":
+        array = array.astype(np.float32)
+        array[4, 5, 6] = np.nan
+    elif dtype in ("uint8", "uint16"):
+        array = np.abs(array).astype(dtype)
+    else:
+        array = array.astype(dtype)
+    image = sitk.GetImageFromArray(array)
+    itk = sitk.MinimumMaximumImageFilter()
+    itk.Execute(image)
+    expected = (itk.GetMinimum(), itk.GetMaximum())
+    assert value_range(image) == expected
+    vector = sitk.Compose(image, image)  # a vector image has no scalar range in torch's sense: ITK's filter
+    with pytest.raises(RuntimeError):
+        itk.Execute(vector)
+    with pytest.raises(RuntimeError):
+        value_range(vector)

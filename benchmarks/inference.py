@@ -182,14 +182,14 @@ def _child_vit(queue, model_dir, ct, pet, device, threads, matmul_n, compile=Fal
     with profiling() as profile:
         result = segment_files(model_dir, ct, out / "seg.nii.gz", pet_path=pet, stats_path=out / "lesions.csv",
                                device=device, events=events, compile=compile)
-    peak = bracketing_matmul(before, matmul_samples(resolve_device(device), matmul_n))
+    matmul = bracketing_matmul(before, matmul_samples(resolve_device(device), matmul_n))
     fallback = [m for m in messages if m.startswith("--compile")]
     if fallback:
         raise RuntimeError(f"--compile fell back to eager: {fallback}")
     if compile:
         extra["compile_s"] = profile.as_dict()["stages"].get("compile", 0.0)
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if result.device.startswith("cuda") else None
-    queue.put({**profile.as_dict(), "peak_rss_mb": _peak_rss_mb(), "cuda_peak_mb": cuda_peak, **peak,
+    queue.put({**profile.as_dict(), "peak_rss_mb": _peak_rss_mb(), "cuda_peak_mb": cuda_peak, **matmul,
                "load": load, "precision": result.precision, "device": result.device,
                "lesions": result.lesion_count, **extra})
 
@@ -229,11 +229,11 @@ def _child_unet(queue, ct, pet, device, threads, crop, overlap, sw_batch, matmul
                     torch.cuda.synchronize()
             with stage("argmax"):
                 labels = logits.argmax(dim=1)[0].to("cpu", torch.uint8).numpy()
-    peak = bracketing_matmul(before, matmul_samples(dev, matmul_n))
+    matmul = bracketing_matmul(before, matmul_samples(dev, matmul_n))
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
     queue.put({**profile.as_dict(), "slices": int(channels.shape[1]), "shape": list(channels.shape[1:]),
                "windows": count_windows(channels.shape[1:], NNUNET_PATCH, overlap), "peak_rss_mb": _peak_rss_mb(),
-               "cuda_peak_mb": cuda_peak, **peak, "load": load,
+               "cuda_peak_mb": cuda_peak, **matmul, "load": load,
                "precision": "fp32" if dtype is None else str(dtype).replace("torch.", ""), "labels_voxels": int(labels.size)})
 
 

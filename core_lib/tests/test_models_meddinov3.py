@@ -47,7 +47,10 @@ def test_token_major_decoder_equals_the_modules(hw, chunk, monkeypatch):
     for p in dec.parameters():  # non-trivial norms and biases
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(2, 48, *hw)
-    ref = dec(x)  # grad enabled: the modules
+    assert not dec.token_major_applies(x)  # grad enabled: the modules (training)
+    with torch.no_grad():
+        assert dec.token_major_applies(x)
+    ref = dec(x)
     assert ref.requires_grad
     with torch.no_grad():
         fast = dec.forward_token_major(x, chunk_tokens=chunk)

@@ -103,13 +103,11 @@ def value_range(image: sitk.Image) -> tuple[float, float]:
     if image.GetNumberOfComponentsPerPixel() == 1:
         array = sitk.GetArrayViewFromImage(image)
         if array.dtype.name in _TORCH_RANGE_TYPES and array.size and array.flags.c_contiguous:
-            import warnings
-
             import torch
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # the view is read-only, and it is only read
-                lo, hi = (float(v) for v in torch.aminmax(torch.from_numpy(array).reshape(-1)))
+            from .io.volumes import voxels_as_tensor
+
+            lo, hi = (float(v) for v in torch.aminmax(voxels_as_tensor(image)))
             if lo == lo and hi == hi:  # not NaN
                 return lo, hi
     stats = sitk.MinimumMaximumImageFilter()

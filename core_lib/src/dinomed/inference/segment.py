@@ -317,14 +317,11 @@ def label_counts(labels: sitk.Image) -> np.ndarray:
     would make an int64 copy: 1.7 GB on 512x512x800)."""
     array = sitk.GetArrayViewFromImage(labels)
     if array.dtype == np.uint8 and array.flags.c_contiguous:
-        import warnings
-
         import torch
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # the view is read-only, and it is only read
-            flat = torch.from_numpy(array).reshape(-1)
-        return torch.bincount(flat, minlength=256).numpy().astype(np.int64)
+        from ..io.volumes import voxels_as_tensor
+
+        return torch.bincount(voxels_as_tensor(labels), minlength=256).numpy().astype(np.int64)
     counts = np.zeros(256, dtype=np.int64)
     step = max(1, (16 << 20) // max(1, array[0].size))
     for start in range(0, array.shape[0], step):

@@ -222,6 +222,18 @@ def writable_array(image: sitk.Image) -> np.ndarray:
     return np.frombuffer(buffer, dtype=view.dtype).reshape(view.shape)
 
 
+def voxels_as_tensor(image: sitk.Image):
+    """The voxels of ``image`` as a flat torch tensor on its own buffer (no copy), to be read only (reductions that
+    torch runs on every core). SimpleITK's view is read-only and torch warns about that; nothing writes here."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the view is read-only, and it is only read
+        return torch.from_numpy(sitk.GetArrayViewFromImage(image)).reshape(-1)
+
+
 def check_finite_voxels(image: sitk.Image, name: str) -> None:
     """Refuse a volume with any NaN or infinite voxel, slab by slab (no whole-volume temporary)."""
     array = sitk.GetArrayViewFromImage(image)

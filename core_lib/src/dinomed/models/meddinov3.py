@@ -77,13 +77,13 @@ class PatchDecode(nn.Module):
             x = stage(x)
         return self.classifier(x)
 
-    @torch.no_grad()
     def token_major_applies(self, x: torch.Tensor) -> bool:
         """Whether :meth:`forward` runs :meth:`forward_token_major` for ``x``: on the CPU, without autograd, outside
         torch.compile and tracing (traced and exported graphs keep the modules)."""
         return (x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and not torch.jit.is_tracing())
 
+    @torch.no_grad()
     def forward_token_major(self, x: torch.Tensor, chunk_tokens: int = 128, labels: bool = False) -> torch.Tensor:
         """The same decoder computed token by token, what inference (no autograd) runs.
 

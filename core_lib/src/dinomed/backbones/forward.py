@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .. import _timm  # noqa: F401  (first: timm without importing torch._dynamo; see there)
+
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp

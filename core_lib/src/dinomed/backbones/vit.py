@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import _timm  # noqa: F401  (first: timm without importing torch._dynamo; see there)
+
 import timm
 import torch
 from torch import nn

@@ -457,9 +457,9 @@ def segment_files(
                                        ("--model weights", Path(model_dir) / "model.safetensors")])
 
     with stage(IMPORT_STAGE):
-        # the model modules, and timm with them (timm imports torchvision, which imports torch._dynamo): about 2 s the
-        # first time in a process, nothing after it. Every `dinomed segment` pays it, also those that the Slicer
-        # module and the web page start as child processes; a script calling segment_files again does not
+        # the model modules, and timm and torchvision with them, without TorchDynamo (dinomed._timm): 0.8-1.2 s the
+        # first time in a process (2-3 s with Dynamo), nothing after it. Every `dinomed segment` pays it, also those
+        # that the Slicer module and the web page start as child processes; a script calling segment_files again does not
         available_models()
     model_json = read_model_json(model_dir)
     if not (Path(model_dir) / "model.safetensors").is_file():

@@ -38,6 +38,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from .. import _timm  # noqa: F401  (first: timm without importing torch._dynamo; see there)
+
 import torch
 from timm.layers import LayerNorm2d
 from torch import nn

@@ -100,3 +100,17 @@ def test_nothing_is_replaced_when_asked_or_when_dynamo_is_already_there(env):
                           "stand_in": getattr(sys.modules["torch._dynamo.utils"], "_dinomed_stand_in", False)}}))
     """, **env)
     assert out == {"dynamo": True, "stand_in": False}
+
+
+@pytest.mark.slow
+def test_process_start_benchmark_runs_both_ways():
+    """benchmarks/process_start.py (one process each way): it runs, and both rows and the difference come out."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "process_start.py"
+    proc = subprocess.run([sys.executable, str(script), "--runs", "1"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| without Dynamo") or line.startswith("| with Dynamo")]
+    assert len(rows) == 2
+    assert "s less wall time" in proc.stdout

@@ -101,16 +101,15 @@ def _import_timm_itself() -> None:
                 module.disable_compiler = real_disable
 
 
-def import_timm() -> types.ModuleType:
-    """``import timm``, without importing ``torch._dynamo`` (see the module docstring); returns timm."""
-    if not ("timm" in sys.modules or "torch._dynamo" in sys.modules or _DYNAMO_UTILS in sys.modules
-            or os.environ.get("DINOMED_EAGER_DYNAMO_IMPORT") == "1"):
-        if "torchvision" not in sys.modules:
-            _import_torchvision()
-        _import_timm_itself()
-    import timm
-
-    return timm
+def import_timm() -> None:
+    """``import timm``, without importing ``torch._dynamo`` (see the module docstring); nothing when timm or Dynamo
+    is already imported or with ``DINOMED_EAGER_DYNAMO_IMPORT=1`` (the importing module's own ``import timm`` then
+    does it the usual way)."""
+    if "timm" in sys.modules or "torch._dynamo" in sys.modules or os.environ.get("DINOMED_EAGER_DYNAMO_IMPORT") == "1":
+        return
+    if "torchvision" not in sys.modules:
+        _import_torchvision()
+    _import_timm_itself()
 
 
 import_timm()

@@ -38,7 +38,12 @@ def tick_until(job, predicate, timeout=60.0):
         if predicate():
             return
         time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout} s; state {job.state}, log: {list(job.log)[-5:]}")
+    if job.dump_stacks():  # where a dinomed child that is still running is (its stacks arrive in the log)
+        for _ in range(40):
+            time.sleep(0.05)
+            job.tick()
+    tail = "\n".join(list(job.log)[-60:])
+    raise AssertionError(f"condition not met within {timeout} s; state {job.state}, log:\n{tail}")
 
 
 def process_tree(job):
@@ -133,10 +138,28 @@ def test_stop_asks_the_child_to_exit(tmp_path, dinomed_python):
     tick_until(job, lambda: job.progress[0] is not None and job.progress[0] >= 2)
     job.stop()
     assert job.state is JobState.STOPPING
-    tick_until(job, lambda: job.finished, timeout=30)
+    tick_until(job, lambda: job.finished, timeout=55)  # under the grace time, so only its own exit can end it
     assert job.state is JobState.STOPPED
     assert job.returncode == 128 + signal.SIGTERM
     assert job.elapsed_s < 60
+
+
+def test_dump_stacks_shows_where_the_child_is_and_it_goes_on(tmp_path, dinomed_python):
+    """SIGUSR1: the running dinomed child prints its threads' Python stacks (faulthandler) into the job's log
+    and keeps working; a job that has not sent an event yet, or is finished, is not signalled."""
+    job = Job(["phantom", "--out", str(tmp_path / "data"), "--cases", "5000", "--shape", "16,24,24"],
+              python=dinomed_python)
+    assert job.dump_stacks() is False  # not started
+    job.start()
+    tick_until(job, lambda: job.progress[0] is not None and job.progress[0] >= 2)
+    assert job.dump_stacks() is True
+    tick_until(job, lambda: any("write_nnunet_dataset" in line for line in job.log))
+    assert any(line.startswith("Current thread") or line.startswith("Thread 0x") for line in job.log), job.log[:5]
+    done_then = job.progress[0]
+    tick_until(job, lambda: job.progress[0] >= done_then + 3)  # still working
+    assert not job.finished and job.state is JobState.RUNNING
+    job.cancel()
+    assert job.dump_stacks() is False  # finished
 
 
 def test_exit_status_3_means_stopped_on_request(dinomed_python):

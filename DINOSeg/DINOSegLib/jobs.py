@@ -334,6 +334,21 @@ class Job:
         except (ProcessLookupError, PermissionError, OSError):
             pass
 
+    def dump_stacks(self) -> bool:
+        """Ask the running child to print its threads' Python stacks; they arrive in :attr:`log` (through
+        ``on_log``) and the child goes on working. ``dinomed`` answers SIGUSR1 so (faulthandler, see
+        ``dinomed.cli``); for a job that looks stuck. Returns whether the signal was sent: only to a running
+        ``python -m dinomed`` child (not a ``command=`` one such as torchrun, whose agent SIGUSR1 would end) that
+        has sent an event (so its handler is in place), never on Windows."""
+        if (self._popen is None or self.finished or not hasattr(signal, "SIGUSR1") or self._command is not None
+                or not self.events):
+            return False
+        try:
+            os.kill(self._popen.pid, signal.SIGUSR1)
+        except (ProcessLookupError, PermissionError, OSError):
+            return False
+        return True
+
     def cancel(self) -> None:
         """Kill the whole tree now, remove the job's temporary paths, and finish the job as CANCELLED
         (``on_finish`` is called). Returns at once; a finished job is left as it is."""

@@ -12,6 +12,10 @@ their end with a checkpoint saved (SIGTERM/SIGINT, or ``train.stop_after``); ``-
 SIGTERM (what a GUI Cancel sends first) and SIGINT (Ctrl-C) stop every command except ``finetune`` and
 ``pretrain`` (which save a checkpoint on a stop and handle the signals themselves) with the temporary files of
 unfinished atomic writes removed: exit status 143 after SIGTERM, 130 after SIGINT.
+
+SIGUSR1 (POSIX, when run as a program) prints every thread's Python stack to stderr and the command goes on
+(:mod:`faulthandler`): ``kill -USR1 PID`` shows where a job that looks stuck is; the front-ends' job runner
+sends it with ``Job.dump_stacks()`` and shows the stacks in the job's log.
 """
 from __future__ import annotations
 
@@ -99,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for a relaunch under torchrun
+    if argv is None:  # run as a program (not in-process by a test or a front-end)
+        _enable_stack_dumps()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -139,6 +145,21 @@ def _stopped(args, why: str) -> None:
 
         EventWriter(enabled=True).error(message)
     print(f"dinomed {args.command}: {message}", file=sys.stderr)
+
+
+def _enable_stack_dumps() -> None:
+    """SIGUSR1 prints every thread's Python stack to stderr and the process goes on (faulthandler, which
+    does this from its C signal handler, so it works while the main thread is inside a long C call). POSIX
+    only; skipped where stderr has no file descriptor."""
+    import faulthandler
+    import signal
+
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    try:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    except (AttributeError, OSError, RuntimeError, ValueError):  # no usable sys.stderr (e.g. pythonw)
+        pass
 
 
 def _install_sigterm():

@@ -47,6 +47,11 @@ import tempfile
 import time
 from pathlib import Path
 
+if __name__ in ("__main__", "__mp_main__"):  # this script and its spawned children are processes as `dinomed segment`'s are
+    from dinomed._startup import pause_gc_in_heavy_imports
+
+    pause_gc_in_heavy_imports()
+
 NUM_CLASSES = 10  # background + the 9 labels of the synthetic phantoms
 NNUNET_FILTERS = [32, 64, 128, 256, 320, 320]
 NNUNET_STRIDES = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]

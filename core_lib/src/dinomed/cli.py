@@ -104,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for a relaunch under torchrun
     if argv is None:  # run as a program (not in-process by a test or a front-end)
+        from ._startup import pause_gc_in_heavy_imports
+
         _enable_stack_dumps()
+        pause_gc_in_heavy_imports()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     if not getattr(args, "func", None):
         parser.print_help()
